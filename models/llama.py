@@ -1,0 +1,153 @@
+"""Functional Llama: pure forward passes over a params pytree and a paged KV cache.
+
+Two entry points share the layer code:
+
+    prefill(params, cache, tokens [B, T], seq_lens [B], slots [B]) -> (cache, logits)
+    decode(params, cache, tokens [B], slots [B], active [B])        -> (cache, logits [B, V])
+
+Both write the new keys/values into the cache's pages and return the updated cache; nothing is
+stored anywhere else. Layers are unrolled in Python (see models/params.py for why).
+Einsum alphabet: see models/attention.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import kv_cache
+from models.attention import AttentionConfig, decode_attention, prefill_attention
+from models.config import LlamaConfig, rope_inv_freq
+from models.kv_cache import KVCache
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in f32, cast back before the weight (as HF Llama does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [...] -> cos, sin [..., D] in f32 (half-split layout, frequencies repeated)."""
+    inv_freq = jnp.asarray(np.array(rope_inv_freq(config), np.float32))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; cos, sin [B, T, D] -> x rotated (HF's rotate_half convention)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _mlp(layer: dict, x: jax.Array) -> jax.Array:
+    gate = x @ layer["w_gate"]
+    return (jax.nn.silu(gate) * (x @ layer["w_up"])) @ layer["w_down"]
+
+
+def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
+    """h [B, T, E] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] with RoPE applied to q and k."""
+    b, t, _ = h.shape
+    d = config.head_dim
+    q = (h @ layer["wq"]).reshape(b, t, config.num_heads, d)
+    k = (h @ layer["wk"]).reshape(b, t, config.num_kv_heads, d)
+    v = (h @ layer["wv"]).reshape(b, t, config.num_kv_heads, d)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array,
+            slots: jax.Array, *, config: LlamaConfig, attention: AttentionConfig,
+            all_logits: bool = False) -> tuple[KVCache, jax.Array]:
+    """Run whole prompts, store their keys/values in the slots' pages.
+
+    tokens [B, T] right-padded; seq_lens [B] prompt lengths; slots [B] cache rows, whose pages
+    must already be reserved for `seq_lens` tokens. Returns the cache with `seq_lens` set and
+    logits [B, T, V] if `all_logits`, else the logits of each prompt's last token [B, V] (f32).
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < seq_lens[:, None]
+    pages, offsets = kv_cache.token_pages(cache, slots, positions, valid)
+    cos, sin = rope_cos_sin(config, positions)
+    x = params["embed"][tokens]  # [B, T, E]
+    new_k, new_v = list(cache.k), list(cache.v)
+    for i, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = _qkv(layer, config, h, cos, sin)
+        new_k[i] = kv_cache.write_layer(new_k[i], pages, offsets, k)
+        new_v[i] = kv_cache.write_layer(new_v[i], pages, offsets, v)
+        attn = prefill_attention(q, k, v, seq_lens, layer=i, config=attention)
+        x = x + attn.reshape(b, t, -1) @ layer["wo"]
+        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    if not all_logits:
+        last = jnp.clip(seq_lens - 1, 0, t - 1)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, E]
+    cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+                          seq_lens=cache.seq_lens.at[slots].set(seq_lens))
+    return cache, _logits(params, config, x)
+
+
+def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, active: jax.Array,
+           *, config: LlamaConfig, attention: AttentionConfig) -> tuple[KVCache, jax.Array]:
+    """One decode step: append each active slot's new token and return next-token logits.
+
+    tokens, slots [B] int32; active [B] bool (inactive rows write to the null page and do not
+    advance). Returns (cache, logits [B, V] f32).
+    """
+    b = tokens.shape[0]
+    positions = cache.seq_lens[slots][:, None]  # [B, 1]: the new token's position
+    pages, offsets = kv_cache.token_pages(cache, slots, positions, active[:, None])
+    lengths = positions[:, 0] + 1
+    page_table = cache.page_table[slots]
+    cos, sin = rope_cos_sin(config, positions)
+    x = params["embed"][tokens][:, None]  # [B, 1, E]
+    new_k, new_v = list(cache.k), list(cache.v)
+    for i, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = _qkv(layer, config, h, cos, sin)
+        new_k[i] = kv_cache.write_layer(new_k[i], pages, offsets, k)
+        new_v[i] = kv_cache.write_layer(new_v[i], pages, offsets, v)
+        attn = decode_attention(q[:, 0], new_k[i], new_v[i], page_table, lengths,
+                                layer=i, config=attention)
+        x = x + attn.reshape(b, 1, -1) @ layer["wo"]
+        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+                          seq_lens=cache.seq_lens.at[slots].add(active.astype(jnp.int32)))
+    return cache, _logits(params, config, x[:, 0])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"))
+def forward(params: dict, tokens: jax.Array, *, config: LlamaConfig,
+            attention: AttentionConfig = AttentionConfig()) -> jax.Array:
+    """Logits of a full causal forward, without a persistent cache (tests, scoring).
+
+    tokens [B, T] -> logits [B, T, V] f32.
+    """
+    b, t = tokens.shape
+    dtype = params["embed"].dtype
+    page_size = 16
+    pages_per_seq = -(-t // page_size)
+    spec = kv_cache.KVCacheSpec(
+        num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim, num_pages=b * pages_per_seq + 1, page_size=page_size,
+        max_seqs=b, max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
+    cache = kv_cache.init_cache(spec)
+    for slot in range(b):
+        cache, _ = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(t))
+    seq_lens = jnp.full((b,), t, jnp.int32)
+    _, logits = prefill(params, cache, tokens, seq_lens, jnp.arange(b, dtype=jnp.int32),
+                        config=config, attention=attention, all_logits=True)
+    return logits

@@ -1,0 +1,9 @@
+"""Pallas GPU kernels (Triton style) with their plain-jnp references; no imports from above."""
+
+from pallas_kernels.sparse_prefill import default_prefill_config as default_prefill_config
+from pallas_kernels.sparse_prefill import prefill_mask as prefill_mask
+from pallas_kernels.sparse_prefill import prefill_tile_counts as prefill_tile_counts
+from pallas_kernels.sparse_prefill import sparse_prefill_attention as sparse_prefill_attention
+from pallas_kernels.sparse_prefill import (
+    sparse_prefill_attention_reference as sparse_prefill_attention_reference,
+)

@@ -1,0 +1,50 @@
+"""Shared test settings: one tolerance table keyed by dtype, the `gpu` marker, CPU defaults."""
+
+import os
+
+# Tests run on the CPU unless a GPU is present; keep XLA from grabbing all host threads' memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Absolute/relative tolerances for comparing a kernel against its plain-jnp reference.
+# bf16 has 8 mantissa bits; f16 has 11; f32 kernels on GPU may use TF32 dots unless told otherwise.
+TOLERANCES = {
+    jnp.dtype(jnp.float32): dict(atol=2e-5, rtol=2e-5),
+    jnp.dtype(jnp.bfloat16): dict(atol=2e-2, rtol=2e-2),
+    jnp.dtype(jnp.float16): dict(atol=2e-3, rtol=2e-3),
+}
+
+
+def tolerance(dtype) -> dict:
+    """Return `dict(atol=..., rtol=...)` for outputs of `dtype`."""
+    return TOLERANCES[jnp.dtype(dtype)]
+
+
+def assert_close(actual, expected, dtype=None):
+    """Compare in f32 with the tolerance of `dtype` (default: `actual`'s dtype)."""
+    dtype = actual.dtype if dtype is None else dtype
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32), **tolerance(dtype)
+    )
+
+
+def has_gpu() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

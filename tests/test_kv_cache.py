@@ -1,0 +1,111 @@
+"""Page pool: exact page ids, capacity errors, and a property test over random op sequences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from models import kv_cache
+from models.kv_cache import NULL_PAGE, KVCacheSpec
+
+reserve = jax.jit(kv_cache.reserve)
+release = jax.jit(kv_cache.release)
+
+
+def _spec(num_pages=8, page_size=4, max_seqs=3, max_pages_per_seq=4):
+    return KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=4, num_pages=num_pages,
+                       page_size=page_size, max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq)
+
+
+def _row(cache, slot):
+    return np.asarray(cache.page_table[slot]).tolist()
+
+
+def test_reserve_and_release_exact_page_ids():
+    cache = kv_cache.init_cache(_spec())
+    cache, ok = reserve(cache, 0, 10)  # 3 pages of 4
+    assert bool(ok) and _row(cache, 0) == [1, 2, 3, NULL_PAGE]
+    cache, ok = reserve(cache, 1, 4)
+    assert bool(ok) and _row(cache, 1) == [4, 0, 0, 0]
+    cache, ok = reserve(cache, 0, 12)  # still 3 pages: nothing new
+    assert bool(ok) and _row(cache, 0) == [1, 2, 3, 0]
+    cache, ok = reserve(cache, 0, 13)  # grows by one, keeps its pages
+    assert bool(ok) and _row(cache, 0) == [1, 2, 3, 5]
+    cache = release(cache, 0)
+    assert _row(cache, 0) == [0, 0, 0, 0] and int(cache.num_reserved[0]) == 0
+    cache, ok = reserve(cache, 2, 5)  # lowest free ids first
+    assert bool(ok) and _row(cache, 2) == [1, 2, 0, 0]
+    assert np.asarray(cache.free).tolist() == [False, False, False, True, False, True, True, True]
+
+
+def test_capacity_errors_leave_cache_unchanged():
+    cache = kv_cache.init_cache(_spec(num_pages=6, max_pages_per_seq=4))
+    cache, ok = reserve(cache, 0, 8)
+    assert bool(ok)
+    before = jax.tree.map(np.asarray, cache)
+    for slot, n in [(1, 17), (1, 4 * 4 + 1), (0, 8 + 4 * 3 + 1)]:  # pool full, row too short
+        after, ok = reserve(cache, slot, n)
+        assert not bool(ok)
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_write_then_gather_round_trip():
+    spec = _spec(num_pages=10, page_size=4, max_seqs=2, max_pages_per_seq=3)
+    cache = kv_cache.init_cache(spec)
+    cache, _ = reserve(cache, 1, 9)
+    cache, _ = reserve(cache, 0, 6)
+    t = 9
+    x = jax.random.normal(jax.random.key(0), (2, t, 2, 4))
+    lens = jnp.array([6, 9])
+    positions = jnp.broadcast_to(jnp.arange(t), (2, t))
+    valid = positions < lens[:, None]
+    pages, offsets = kv_cache.token_pages(cache, jnp.array([0, 1]), positions, valid)
+    pool = kv_cache.write_layer(cache.k[0], pages, offsets, x)
+    got = kv_cache.gather_pages(pool, cache.page_table)  # [2, Hkv, 12, D]
+    for b in range(2):
+        n = int(lens[b])
+        np.testing.assert_array_equal(np.asarray(got[b, :, :n]), np.asarray(x[b, :n].transpose(1, 0, 2)))
+    # Nothing but the two sequences' pages and the null page was touched.
+    touched = np.nonzero(np.abs(np.asarray(pool)).sum(axis=(0, 2, 3)))[0].tolist()
+    assert set(touched) <= set(_row(cache, 0)[:2] + _row(cache, 1) + [NULL_PAGE])
+
+
+ops = st.lists(st.tuples(st.sampled_from(["reserve", "release"]), st.integers(0, 3),
+                         st.integers(0, 30)), min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops)
+def test_random_reserve_release_never_double_books(sequence):
+    spec = _spec(num_pages=12, page_size=4, max_seqs=4, max_pages_per_seq=5)
+    cache = kv_cache.init_cache(spec)
+    model = {s: 0 for s in range(4)}  # pages each slot should own
+    free_count = spec.num_pages - 1
+    for op, slot, n in sequence:
+        if op == "reserve":
+            need = max(-(-n // 4) - model[slot], 0)
+            expect_ok = model[slot] + need <= 5 and need <= free_count
+            cache, ok = reserve(cache, slot, n)
+            assert bool(ok) == expect_ok
+            if expect_ok:
+                model[slot] += need
+                free_count -= need
+        else:
+            cache = release(cache, slot)
+            free_count += model[slot]
+            model[slot] = 0
+        table, free = np.asarray(cache.page_table), np.asarray(cache.free)
+        owned = [p for s in range(4) for p in table[s, :model[s]].tolist()]
+        assert NULL_PAGE not in owned and not free[NULL_PAGE]
+        assert len(owned) == len(set(owned)), "a page is owned twice"
+        assert (table[:, :][np.arange(5)[None, :] >= np.array([model[s] for s in range(4)])[:, None]]
+                == NULL_PAGE).all()
+        assert sorted(owned + np.nonzero(free)[0].tolist()) == list(range(1, 12)), "page leaked"
+        assert np.asarray(cache.num_reserved).tolist() == [model[s] for s in range(4)]
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="null page"):
+        _spec(num_pages=1)
