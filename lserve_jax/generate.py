@@ -45,25 +45,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Streamer:
-    """Prints newly decoded text, holding back an incomplete UTF-8 sequence."""
+    """Prints each row-0 token's text as soon as it is complete (UTF-8 safe)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+        self.stream, self.ids = tokenizer.decode_stream(), []
 
     def __call__(self, row: int, new_ids: list[int]) -> None:
         self.ids += new_ids
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[self.printed:])
+        sys.stdout.write(self.stream.step(self.ids))
         sys.stdout.flush()
-        self.printed = len(text)
+
+    def close(self) -> None:
+        sys.stdout.write(self.stream.flush(self.ids) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("lserve_jax").setLevel(logging.INFO)
     knobs = {name: getattr(args, name) for name in SparsityConfig.field_names()
              if getattr(args, name) is not None}
     try:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile_s": round(stats.compile_s, 3),
         }))
     else:
-        print()
+        streamer.close()
         print(f"[{len(out.prompt_token_ids)} prompt tokens, {len(out.token_ids)} generated; "
               f"prefill {stats.prefill_ms:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s, "
               f"compile {stats.compile_s:.1f} s]", file=sys.stderr)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lserve_jax import decode_loop
+from lserve_jax import decode_loop, head_pattern
 from lserve_jax.sampling import SamplingArrays, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache
@@ -53,11 +53,12 @@ class GenerationStats:
 
 
 def _bucket(n: int, minimum: int) -> int:
-    """Round up to a power of two up to 1024, then to a multiple of 1024 (few compiles)."""
+    """Round up to a power of two up to 1024, then to a multiple of 512 (few compiles, at most
+    half of a long prompt's compute wasted on padding)."""
     n = max(n, minimum)
     if n <= 1024:
         return 1 << (n - 1).bit_length()
-    return -(-n // 1024) * 1024
+    return -(-n // 512) * 512
 
 
 def default_impl() -> str:
@@ -86,10 +87,6 @@ class LLM:
             raise TypeError(f"unknown LLM arguments {sorted(unknown)}; sparsity knobs are "
                             f"{list(SparsityConfig.field_names())}")
         self.sparsity = SparsityConfig(**sparsity_knobs)
-        if attention == "lserve":
-            raise NotImplementedError(
-                "attention='lserve' is not available yet: the sparse prefill and decode kernels "
-                "are not wired in; use attention='dense'")
         self.attention_mode = attention
         self.impl = impl or default_impl()
         from lserve_jax import checkpoint  # orbax is slow to import; only LLM needs it
@@ -97,9 +94,31 @@ class LLM:
         path = checkpoint.resolve_checkpoint(ckpt, dtype=dtype)
         self.config, self.params, self.tokenizer = checkpoint.load_checkpoint(path, dtype=dtype)
         self.checkpoint_path = path
-        self.attention = AttentionConfig(mode="dense", impl=self.impl)
+        self.attention = self._attention_config()
         self.stats = GenerationStats()
         self._executables: dict = {}
+
+    def _attention_config(self) -> AttentionConfig:
+        """Dense, or LServe's head split from the head pattern (DESIGN §1.1, §1.2).
+
+        LServe mode runs the unified sparse prefill kernel with the pattern's streaming heads;
+        decode still attends densely over all pages until the page selector lands.
+        """
+        if self.attention_mode == "dense":
+            return AttentionConfig(mode="dense", impl=self.impl)
+        s = self.sparsity
+        streaming = None
+        if s.head_pattern is None:
+            log.warning("attention='lserve' without a head_pattern: every head is a dense head")
+        else:
+            streaming = head_pattern.streaming_heads_for_model(
+                s.head_pattern, s.static_sparsity, self.config.num_layers,
+                self.config.num_kv_heads)
+            log.info("head pattern %s: %s", s.head_pattern, head_pattern.describe(streaming))
+        log.warning("attention='lserve': sparse prefill; decode attends to all pages (the "
+                    "page selector is not wired in yet)")
+        return AttentionConfig(mode="lserve", impl=self.impl, ctx_sink_tokens=s.ctx_sink_tokens,
+                               ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming)
 
     # ---- public API --------------------------------------------------------------------------
 

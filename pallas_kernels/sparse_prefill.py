@@ -33,8 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 # is never `-inf - -inf = nan` (same choice as jax/experimental/pallas/ops/gpu/attention.py).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
-# Query rows per step of the blockwise XLA reference: bounds its scores to [B, Hq, 256, T].
-_REFERENCE_BLOCK_Q = 256
+# Query and key rows per block of the XLA reference: bounds its scores to [B, Hq, 256, 256].
+_REFERENCE_BLOCK = 256
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -122,17 +122,6 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _nth_tile(n, segments):
-    """Index of the n-th tile when the [lo, hi) ranges of `segments` are walked in order."""
-    offsets = [0]
-    for lo, hi in segments:
-        offsets.append(offsets[-1] + hi - lo)
-    tile = segments[-1][0] + n - offsets[-2]
-    for (lo, _), start, stop in reversed(list(zip(segments, offsets, offsets[1:]))[:-1]):
-        tile = jnp.where(n < stop, lo + n - start, tile)
-    return tile
-
-
 def _kernel(streaming_ref, seq_len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale, sink_tokens,
             local_tokens, block_q, block_k, num_q_blocks):
     """One query tile of one query head.
@@ -159,12 +148,12 @@ def _kernel(streaming_ref, seq_len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale,
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
 
-    def visit(segments, carry, masked):
-        """Online-softmax update over the key tiles of `segments`, a list of [lo, hi) ranges,
-        walked as one loop (one loop body per kind of tile keeps the kernel small)."""
-        def body(n, carry):
+    def visit(lo, hi, carry, masked):
+        """Online-softmax update over the key tiles [lo, hi). One plain loop per contiguous
+        range keeps the tile address affine in the loop index, which Triton pipelines."""
+        def body(tile, carry):
             acc, m_prev, l_prev = carry
-            k_start = pl.multiple_of(_nth_tile(n, segments) * block_k, block_k)
+            k_start = pl.multiple_of(tile * block_k, block_k)
             k = k_ref[pl.ds(k_start, block_k), :]
             # [block_q, Dp] x [block_k, Dp] -> [block_q, block_k], logits in base 2.
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
@@ -186,16 +175,17 @@ def _kernel(streaming_ref, seq_len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale,
                                  precision=precision, preferred_element_type=jnp.float32)
             return correction[:, None] * acc + pv, m_next, l_next
 
-        num_tiles = sum(hi - lo for lo, hi in segments)
-        return lax.fori_loop(0, num_tiles, body, carry)
+        return lax.fori_loop(lo, hi, body, carry)
 
     carry = (jnp.zeros(q.shape, jnp.float32),
              jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
     # The online softmax is order-independent: interior tiles first, then the boundary tiles.
-    carry = visit([(0, sink_full), (mid_lo, mid_hi)], carry, masked=False)
-    acc, _, l = visit([(sink_full, sink_end), (local_lo, mid_lo), (mid_hi, end)], carry,
-                      masked=True)
+    carry = visit(0, sink_full, carry, masked=False)
+    carry = visit(mid_lo, mid_hi, carry, masked=False)
+    for lo, hi in ((sink_full, sink_end), (local_lo, mid_lo), (mid_hi, end)):
+        carry = visit(lo, hi, carry, masked=True)
+    acc, _, l = carry
     # Query rows past seq_len may have seen no key: l = 0, acc = 0 -> output 0, never nan.
     l = jnp.where(l == 0.0, 1.0, l)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -238,44 +228,72 @@ def sparse_prefill_attention_reference(q, k, v, streaming, *, sink_tokens, local
                                        seq_lens=None, sm_scale=None):
     """Plain-jnp reference and CPU path: same contract as `sparse_prefill_attention`.
 
-    Blockwise over query rows (`lax.map`), so scores are [B, Hq, 256, T], never T x T. It computes
-    every key of every head and masks; skipping tiles is the kernel's job. Softmax in f32.
+    Flash-style over [256 x 256] blocks: `lax.map` over query blocks, `lax.scan` over key blocks
+    with an online softmax in f32, and `lax.cond` skipping key blocks no head of the batch can
+    see (past the diagonal or the longest sequence; outside sink and window when every head
+    streams). Scores are [B, Hkv, G * 256, 256], never T x T. Heads lead every operand so each
+    einsum is a plain batched matmul (fast on CPU).
     """
     batch, t, num_q_heads, d = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     seq_lens = jnp.full((batch,), t, jnp.int32) if seq_lens is None else seq_lens
-    block = min(_REFERENCE_BLOCK_Q, t)
-    t_pad = _round_up(t, block)
-    qp = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-    # [B, Tp, Hq, D] -> [nb, B, block, Hkv, G, D]: query head h = kv_head * G + g.
-    q_blocks = qp.reshape(batch, t_pad // block, block, num_kv_heads, group, d).swapaxes(0, 1)
-    k_pos = jnp.arange(t)
-    flags = streaming.astype(bool)[None, :, None, None, None]  # [1, Hkv, 1, 1, 1]
+    block = min(_REFERENCE_BLOCK, t)
+    num_blocks = _round_up(t, block) // block
+    pad = ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0))
+    # q [B, Tp, Hq, D] -> [nb, B, Hkv, G * block, D] (query head h = kv_head * G + g, row m =
+    # g * block + position); k, v [B, Tp, Hkv, D] -> [nb, B, Hkv, block, D].
+    qb = jnp.pad(q, pad).reshape(batch, num_blocks, block, num_kv_heads, group, d)
+    qb = qb.transpose(1, 0, 3, 4, 2, 5).reshape(num_blocks, batch, num_kv_heads, group * block, d)
+    kb, vb = (jnp.pad(x, pad).reshape(batch, num_blocks, block, num_kv_heads, d)
+              .transpose(1, 0, 3, 2, 4) for x in (k, v))
+    flags = streaming.astype(bool)[None, :, None, None]  # [1, Hkv, 1, 1]
+    all_streaming = jnp.all(streaming.astype(bool))
+    max_len = jnp.max(seq_lens)
     hi = lax.Precision.HIGHEST
 
-    def one_block(args):
-        q_blk, q_start = args
-        # [b,t,k,g,d] x [b,s,k,d] -> [b,k,g,t,s]
-        s = jnp.einsum("btkgd,bskd->bkgts", q_blk, k, precision=hi,
-                       preferred_element_type=jnp.float32) * sm_scale
-        q_pos = (q_start + jnp.arange(block))[:, None]
-        visible = prefill_mask(q_pos, k_pos, flags, sink_tokens=sink_tokens,
-                               local_tokens=local_tokens)
-        visible &= (k_pos < seq_lens[:, None, None, None, None])  # [B, Hkv, 1, block, T]
-        s = jnp.where(visible, s, -jnp.inf)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-        l = jnp.sum(p, axis=-1)[..., None]  # rows with no visible key: l = 0 -> output 0
-        # [b,k,g,t,s] x [b,s,k,d] -> [b,t,k,g,d]
-        o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l == 0.0, 1.0, l), v, precision=hi,
-                       preferred_element_type=jnp.float32)
-        return o
+    def query_block(args):
+        q_blk, i = args
+        q_pos = jnp.tile(i * block + jnp.arange(block), group)[:, None]  # [G * block, 1]
 
-    out = lax.map(one_block, (q_blocks, jnp.arange(0, t_pad, block)))
-    out = out.swapaxes(0, 1).reshape(batch, t_pad, num_q_heads, d)[:, :t]
-    return out.astype(q.dtype)
+        def key_block(carry, j):
+            def update(carry):
+                acc, m, l = carry
+                k_pos = j * block + jnp.arange(block)
+                # [b,k,m,d] x [b,k,s,d] -> [b,k,m,s]
+                s = jnp.einsum("bkmd,bksd->bkms", q_blk, kb[j], precision=hi,
+                               preferred_element_type=jnp.float32) * sm_scale
+                visible = prefill_mask(q_pos, k_pos, flags, sink_tokens=sink_tokens,
+                                       local_tokens=local_tokens)
+                visible &= k_pos < seq_lens[:, None, None, None]  # [B, Hkv, G * block, block]
+                s = jnp.where(visible, s, -jnp.inf)
+                m_next = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+                m_safe = jnp.where(jnp.isfinite(m_next), m_next, 0.0)  # no key seen yet: 0
+                p = jnp.exp(s - m_safe)
+                correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+                # [b,k,m,s] x [b,k,s,d] -> [b,k,m,d]
+                pv = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), vb[j], precision=hi,
+                                preferred_element_type=jnp.float32)
+                return (acc * correction + pv, m_next,
+                        l * correction + jnp.sum(p, axis=-1, keepdims=True))
+
+            k_lo, q_lo, q_hi = j * block, i * block, i * block + block - 1
+            in_lambda = (k_lo < sink_tokens) | (k_lo + block - 1 > q_lo - local_tokens)
+            needed = (k_lo <= q_hi) & (k_lo < max_len) & (in_lambda | ~all_streaming)
+            return lax.cond(needed, update, lambda c: c, carry), None
+
+        rows = q_blk.shape[:-1]
+        init = (jnp.zeros(rows + (d,), jnp.float32), jnp.full(rows + (1,), -jnp.inf),
+                jnp.zeros(rows + (1,), jnp.float32))
+        (acc, _, l), _ = lax.scan(key_block, init, jnp.arange(num_blocks))
+        return acc / jnp.where(l == 0.0, 1.0, l)  # rows with no visible key: output 0
+
+    out = lax.map(query_block, (qb, jnp.arange(num_blocks)))
+    # [nb, B, Hkv, G * block, D] -> [B, Tp, Hq, D]
+    out = out.reshape(num_blocks, batch, num_kv_heads, group, block, d)
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, num_blocks * block, num_q_heads, d)
+    return out[:, :t].astype(q.dtype)
 
 
 def _validate(q, k, v, streaming, seq_lens, sink_tokens, local_tokens, impl):

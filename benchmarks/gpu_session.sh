@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: native kernel tests, model tests on GPU, then the benchmarks.
+# Usage (repo root): OUT=dir LSERVE_COMMIT=sha bash benchmarks/gpu_session.sh [bench args...]
+# Wheels missing on the GPU image (gguf) are taken from .whl/ when present.
+set -uo pipefail
+OUT=${OUT:-/tmp/lserve_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_prefill.py \
+  2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_llama_parity.py \
+  tests/test_decode.py tests/test_kv_cache.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -5
+timeout ${BENCH_TIMEOUT:-420} python3 benchmarks/prefill_attention.py \
+  --out "$OUT/prefill_attention_h100.jsonl" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40

@@ -1,0 +1,107 @@
+"""Python API and CLI: behaviour on a tiny converted checkpoint, and every error path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import convert
+from lserve_jax import LLM, SamplingParams
+from lserve_jax.generate import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random Llama converted from an HF directory without tokenizer files."""
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    src = tmp_path_factory.mktemp("hf") / "tiny"
+    transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True)
+    return convert.convert(src, tmp_path_factory.mktemp("conv") / "tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(str(ckpt))
+
+
+def test_generate_token_ids_per_prompt_params(llm):
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    a, b = llm.generate([[5, 6, 7], [9, 10]], [greedy, short])
+    assert len(a.token_ids) == 5 and len(b.token_ids) == 2
+    assert a.prompt_token_ids == [5, 6, 7] and a.text is None
+    assert a.finish_reason == b.finish_reason == "length"
+    again, _ = llm.generate([[5, 6, 7], [11, 12, 13, 14]], [greedy, short])
+    assert again.token_ids == a.token_ids
+    assert llm.stats.compile_s == 0.0  # same batch and shape buckets: no new compile
+
+
+def test_generation_stops_when_context_is_full(llm):
+    [out] = llm.generate([list(range(3, 93))], SamplingParams(max_tokens=50, temperature=0.0,
+                                                               ignore_eos=True))
+    assert len(out.token_ids) == 96 - 90 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompts, sampling, error, match", [
+    ([[1] * 96], None, ValueError, "context"),
+    ([[]], None, ValueError, "empty"),
+    ([[5, 500]], None, ValueError, "vocabulary"),
+    (["text"], None, ValueError, "tokenizer"),
+    ([], None, ValueError, "empty"),
+    ([[5], [6]], [SamplingParams()], ValueError, "sampling_params"),
+])
+def test_generate_errors(llm, prompts, sampling, error, match):
+    with pytest.raises(error, match=match):
+        llm.generate(prompts, sampling)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(attention="sparse"), ValueError, "attention"),
+    (dict(dtype="int8"), ValueError, "dtype"),
+    (dict(token_budget=100), ValueError, "token_budget"),
+    (dict(page_size=48), ValueError, "page_size"),
+    (dict(logical_page_size=5), ValueError, "logical_page_size"),
+    (dict(static_sparsity=1.5), ValueError, "static_sparsity"),
+    (dict(dec_local_tokens=100), ValueError, "dec_local_tokens"),
+    (dict(selector_interval=0), ValueError, "selector_interval"),
+    (dict(head_pattern="/nonexistent.tsv"), FileNotFoundError, "head_pattern"),
+    (dict(tokens_budget=64), TypeError, "unknown"),
+])
+def test_llm_argument_errors(ckpt, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LLM(str(ckpt), **kwargs)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--ckpt", "/nonexistent/ckpt", "--prompt", "hi"], "does not exist"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max_tokens"),
+    (["--prompt", "hi", "--token-budget", "100"], "token_budget"),
+])
+def test_cli_errors(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_needs_a_prompt_and_valid_choices(capsys):
+    for argv in ([], ["--prompt", "x", "--attention", "quest"], ["--prompt", "x", "--chat", "y"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+
+def test_cli_without_tokenizer_is_a_clear_error(ckpt, capsys):
+    assert main(["--ckpt", str(ckpt), "--prompt", "hello"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
