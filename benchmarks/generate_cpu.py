@@ -7,8 +7,9 @@ Model: the embedded SmolLM2-135M-Instruct GGUF (Q4_1, dequantized to float32 by 
 batch 1, a `--prompt-tokens`-long English prompt (fixed paragraphs, cut to exactly that many ids
 by the HF tokenizer of the GGUF), greedy, EOS ignored, `--new-tokens` generated tokens.
 
-How each figure is measured (one warm-up of everything first, then `--repeats` rounds; each round
-runs ours then HF back to back, so a drifting background load hits both alike; medians reported):
+How each figure is measured. One warm-up first: ours a full call, which compiles; HF a prompt
+forward and a 2-token generate, as it has nothing to compile. Then `--repeats` rounds, each
+running ours then HF back to back so that a drifting background load hits both alike; medians:
 
 - ours, prefill_ms: `llm.stats.prefill_ms`, the jitted prefill over the (bucketed) prompt plus
   sampling the first token, to the host sync.
@@ -127,8 +128,8 @@ class Ours:
     def __call__(self, ids: list[int]) -> tuple[list[int], dict]:
         [out] = self.llm.generate([ids], self.sp)
         s = self.llm.stats
-        return out.token_ids, dict(prefill_ms=s.prefill_ms, decode_tokens_per_s=s.decode_tokens_per_s,
-                                   compile_s=s.compile_s)
+        return out.token_ids, dict(prefill_ms=s.prefill_ms, compile_s=s.compile_s,
+                                   decode_tokens_per_s=s.decode_tokens_per_s)
 
 
 class HF:
@@ -147,6 +148,13 @@ class HF:
                                   min_new_tokens=n, do_sample=False,
                                   pad_token_id=self.model.config.eos_token_id)
         return out, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def warm_up(self, prompt: list[int]):
+        """Allocator and thread pools; no compiles to amortise, so a short generate suffices."""
+        ids = torch.tensor([prompt])
+        self.model(ids, use_cache=True)
+        self._generate(ids, 2)
 
     @torch.no_grad()
     def __call__(self, prompt: list[int]) -> tuple[list[int], dict]:
@@ -179,6 +187,7 @@ def plot(records: list[dict], path: pathlib.Path):
         values = [r[key] for r in systems]
         bars = ax.bar(names, values, color=colors[:len(names)])
         ax.bar_label(bars, fmt="%.1f")
+        ax.margins(y=0.15)
         ax.set_title(label, fontsize=10)
     r = systems[0]
     fig.suptitle(f"SmolLM2-135M f32, {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens, "
@@ -207,9 +216,9 @@ def main():
     prompt = make_prompt(tokenizer, args.prompt_tokens)
     ours, hf = Ours(args.new_tokens), HF(gguf, args.new_tokens)
 
-    # Warm-up: compiles (ours), allocator and thread pools (both).
-    _, warm = ours(prompt)
-    hf(prompt)
+    load_before = os.getloadavg()[0]
+    _, warm = ours(prompt)  # compiles; allocator and thread pools for both
+    hf.warm_up(prompt)
     runs = {"ours": [], "hf": []}
     for _ in range(args.repeats):
         ours_ids, r = ours(prompt)
@@ -221,10 +230,13 @@ def main():
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 commit=git_commit(), model=gguf.name, dtype="float32", batch=1,
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                repeats=args.repeats)
-    records = []
+                repeats=args.repeats, torch_threads=torch.get_num_threads(),
+                # Other processes' CPU use skews both systems (torch's OpenMP barriers the most).
+                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+    records, medians = [], {}
     for name, system in (("ours", ours), ("hf", hf)):
-        med = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
+        med = medians[name] = {k: statistics.median(r[k] for r in runs[name])
+                               for k in runs[name][0]}
         tok_s = med["decode_tokens_per_s"]
         rec = dict(meta, system=name, prefill_ms=round(med["prefill_ms"], 2),
                    prefill_tokens_per_s=round(1e3 * args.prompt_tokens / med["prefill_ms"], 1),
@@ -232,7 +244,8 @@ def main():
                    decode_ms_per_token=round(1e3 / tok_s, 3),
                    weight_bytes=system.weight_bytes,
                    achieved_gbps=round(system.weight_bytes * tok_s / 1e9, 3),
-                   decode_tokens_per_s_runs=[round(r["decode_tokens_per_s"], 2) for r in runs[name]],
+                   decode_tokens_per_s_runs=[round(r["decode_tokens_per_s"], 2)
+                                             for r in runs[name]],
                    prefill_ms_runs=[round(r["prefill_ms"], 2) for r in runs[name]])
         if args.peak_gbps:
             rec["fraction_of_peak"] = round(rec["achieved_gbps"] / args.peak_gbps, 3)
@@ -245,9 +258,10 @@ def main():
         records.append(rec)
     o, h = records
     match = matching_prefix(ours_ids, hf_ids)
-    records.append(dict(meta, system="summary",
-                        decode_speedup=round(o["decode_tokens_per_s"] / h["decode_tokens_per_s"], 3),
-                        prefill_speedup=round(h["prefill_ms"] / o["prefill_ms"], 3),
+    mo, mh = medians["ours"], medians["hf"]
+    decode_speedup = mo["decode_tokens_per_s"] / mh["decode_tokens_per_s"]
+    records.append(dict(meta, system="summary", decode_speedup=round(decode_speedup, 3),
+                        prefill_speedup=round(mh["prefill_ms"] / mo["prefill_ms"], 3),
                         same_tokens=ours_ids == hf_ids, matching_prefix=match,
                         compared_tokens=min(len(ours_ids), len(hf_ids))))
 
@@ -261,8 +275,9 @@ def main():
         print(f"{r['system']:>4}: prefill {r['prefill_ms']:9.1f} ms   decode "
               f"{r['decode_tokens_per_s']:7.2f} tok/s   {r['achieved_gbps']:6.2f} GB/s")
     s = records[-1]
-    print(f"decode speed-up {s['decode_speedup']:.2f}x, prefill speed-up {s['prefill_speedup']:.2f}x,"
-          f" same greedy tokens: {s['same_tokens']} ({match}/{s['compared_tokens']})")
+    print(f"decode speed-up {s['decode_speedup']:.2f}x, prefill speed-up "
+          f"{s['prefill_speedup']:.2f}x, same greedy tokens: {s['same_tokens']} "
+          f"({match}/{s['compared_tokens']})")
     png = args.out.with_suffix(".png")
     plot(records, png)
     print(f"wrote {args.out} and {png}")

@@ -16,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.kv_cache import gather_pages
 from pallas_kernels import sparse_prefill_attention
 
 ATTENTION_MODES = ("dense", "lserve")
@@ -85,17 +84,17 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, page_ta
     """
     del layer
     b, hq, d = q.shape
-    hkv = k_pool.shape[0]
-    keys = gather_pages(k_pool, page_table)  # [B, Hkv, L, D]
-    values = gather_pages(v_pool, page_table)
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    # [b,k,g,d] x [b,k,s,d] -> [b,k,g,s]
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d)
-    visible = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]  # [B, L]
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # [b,k,g,s] x [b,k,s,d] -> [b,k,g,d]
-    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(values.dtype), values,
+    hkv, _, page_size, _ = k_pool.shape
+    # Gathered pages stay in the pool's head-major layout (no transpose copy on CPU).
+    keys, values = k_pool[:, page_table], v_pool[:, page_table]  # [Hkv, B, n, S, D]
+    qg = q.reshape(b, hkv, hq // hkv, d).transpose(1, 0, 2, 3)  # [Hkv, B, G, D]
+    # [k,b,g,d] x [k,b,n,s,d] -> [k,b,g,n,s]
+    scores = jnp.einsum("kbgd,kbnsd->kbgns", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores.reshape(*scores.shape[:3], -1) / math.sqrt(d)  # [Hkv, B, G, n * S]
+    visible = jnp.arange(scores.shape[-1])[None, :] < lengths[:, None]  # [B, n * S]
+    scores = jnp.where(visible[None, :, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(*scores.shape[:3], -1, page_size)
+    # [k,b,g,n,s] x [k,b,n,s,d] -> [k,b,g,d]
+    out = jnp.einsum("kbgns,kbnsd->kbgd", probs.astype(values.dtype), values,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, hq, d).astype(q.dtype)
+    return out.transpose(1, 0, 2, 3).reshape(b, hq, d).astype(q.dtype)
