@@ -3,6 +3,9 @@
 Array layouts (fixed here, used everywhere):
 
     k[layer], v[layer]  [num_kv_heads, num_pages, page_size, head_dim]   one pool per layer
+    kmax[layer], kmin[layer]
+                        [num_kv_heads, num_pages, page_size / logical_page_size, head_dim]
+                        per-logical-page key statistics (empty tuples when not kept)
     page_table          [max_seqs, max_pages_per_seq] int32               shared by all layers
     seq_lens            [max_seqs] int32                                  tokens stored per slot
     num_reserved        [max_seqs] int32                                  pages owned per slot
@@ -32,6 +35,8 @@ NULL_PAGE = 0
 class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    kmax: tuple[jax.Array, ...]
+    kmin: tuple[jax.Array, ...]
     page_table: jax.Array
     seq_lens: jax.Array
     num_reserved: jax.Array
@@ -44,6 +49,11 @@ class KVCache:
     @property
     def num_pages(self) -> int:
         return self.k[0].shape[1]
+
+    @property
+    def logical_page_size(self) -> int | None:
+        """Tokens per logical page of the key statistics; None when none are kept."""
+        return self.page_size // self.kmax[0].shape[2] if self.kmax else None
 
     @property
     def max_seqs(self) -> int:
@@ -66,6 +76,7 @@ class KVCacheSpec:
     max_seqs: int
     max_pages_per_seq: int
     dtype: str = "float32"
+    logical_page_size: int | None = None  # keep key statistics at this granularity
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "max_seqs",
@@ -74,6 +85,9 @@ class KVCacheSpec:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_pages < 2:
             raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is the null page)")
+        lps = self.logical_page_size
+        if lps is not None and (lps < 1 or self.page_size % lps):
+            raise ValueError(f"logical_page_size={lps} must divide page_size={self.page_size}")
 
     @property
     def max_seq_len(self) -> int:
@@ -84,9 +98,15 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     """An empty cache: zero pools, all pages free except the null page, all slots empty."""
     shape = (spec.num_kv_heads, spec.num_pages, spec.page_size, spec.head_dim)
     zeros = lambda: jnp.zeros(shape, jnp.dtype(spec.dtype))  # noqa: E731
+    stats = 0 if spec.logical_page_size is None else spec.num_layers
+    stats_shape = (spec.num_kv_heads, spec.num_pages,
+                   spec.page_size // (spec.logical_page_size or 1), spec.head_dim)
     return KVCache(
         k=tuple(zeros() for _ in range(spec.num_layers)),
         v=tuple(zeros() for _ in range(spec.num_layers)),
+        # Statistics are kept in f32 from the unquantized keys (DESIGN §1.6).
+        kmax=tuple(jnp.full(stats_shape, -jnp.inf) for _ in range(stats)),
+        kmin=tuple(jnp.full(stats_shape, jnp.inf) for _ in range(stats)),
         page_table=jnp.full((spec.max_seqs, spec.max_pages_per_seq), NULL_PAGE, jnp.int32),
         seq_lens=jnp.zeros((spec.max_seqs,), jnp.int32),
         num_reserved=jnp.zeros((spec.max_seqs,), jnp.int32),
@@ -164,3 +184,29 @@ def gather_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
     g = pool[:, page_table]  # [Hkv, B, max_pages, S, D]
     hkv, b, n, s, d = g.shape
     return jnp.moveaxis(g, 1, 0).reshape(b, hkv, n * s, d)
+
+
+
+def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
+                     k: jax.Array, valid: jax.Array, *,
+                     logical_page_size: int) -> tuple[jax.Array, jax.Array]:
+    """Fold new post-RoPE keys into the per-logical-page key statistics (DESIGN §1.3).
+
+    kmax, kmin [H, P, L, D] with L = page_size // logical_page_size; pages, offsets [B, T] (from
+    `token_pages`); k [B, T, H, D]; valid [B, T].
+
+    A logical page restarts at −inf/+inf when its first token is written, so a page reused after
+    `release` never carries a previous owner's keys into the bound; writes that continue a
+    logical page (decode, chunked prefill) keep what is there. Invalid tokens only touch the
+    null page, whose statistics are never read.
+    """
+    logical = offsets // logical_page_size  # [B, T]
+    starts = valid & (offsets % logical_page_size == 0)
+    restart = jnp.where(starts, pages, NULL_PAGE)
+    kmax = kmax.at[:, restart, logical].set(-jnp.inf)
+    kmin = kmin.at[:, restart, logical].set(jnp.inf)
+    keys = jnp.moveaxis(k, 2, 0).astype(kmax.dtype)  # [H, B, T, D]
+    live = valid[None, :, :, None]
+    kmax = kmax.at[:, pages, logical].max(jnp.where(live, keys, -jnp.inf))
+    kmin = kmin.at[:, pages, logical].min(jnp.where(live, keys, jnp.inf))
+    return kmax, kmin

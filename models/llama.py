@@ -62,6 +62,16 @@ def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def _store(cache: KVCache, new: dict, i: int, pages, offsets, valid, k, v) -> None:
+    """Write layer i's new keys/values (and key statistics, when kept) into `new`'s lists."""
+    new["k"][i] = kv_cache.write_layer(new["k"][i], pages, offsets, k)
+    new["v"][i] = kv_cache.write_layer(new["v"][i], pages, offsets, v)
+    if cache.kmax:
+        new["kmax"][i], new["kmin"][i] = kv_cache.update_key_stats(
+            new["kmax"][i], new["kmin"][i], pages, offsets, k, valid,
+            logical_page_size=cache.logical_page_size)
+
+
 def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
@@ -83,19 +93,18 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     pages, offsets = kv_cache.token_pages(cache, slots, positions, valid)
     cos, sin = rope_cos_sin(config, positions)
     x = params["embed"][tokens]  # [B, T, E]
-    new_k, new_v = list(cache.k), list(cache.v)
+    new = {name: list(getattr(cache, name)) for name in ("k", "v", "kmax", "kmin")}
     for i, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = _qkv(layer, config, h, cos, sin)
-        new_k[i] = kv_cache.write_layer(new_k[i], pages, offsets, k)
-        new_v[i] = kv_cache.write_layer(new_v[i], pages, offsets, v)
+        _store(cache, new, i, pages, offsets, valid, k, v)
         attn = prefill_attention(q, k, v, seq_lens, layer=i, config=attention)
         x = x + attn.reshape(b, t, -1) @ layer["wo"]
         x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
     if not all_logits:
         last = jnp.clip(seq_lens - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, E]
-    cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+    cache = cache.replace(**{name: tuple(arrays) for name, arrays in new.items()},
                           seq_lens=cache.seq_lens.at[slots].set(seq_lens))
     return cache, _logits(params, config, x)
 
@@ -114,17 +123,16 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     page_table = cache.page_table[slots]
     cos, sin = rope_cos_sin(config, positions)
     x = params["embed"][tokens][:, None]  # [B, 1, E]
-    new_k, new_v = list(cache.k), list(cache.v)
+    new = {name: list(getattr(cache, name)) for name in ("k", "v", "kmax", "kmin")}
     for i, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = _qkv(layer, config, h, cos, sin)
-        new_k[i] = kv_cache.write_layer(new_k[i], pages, offsets, k)
-        new_v[i] = kv_cache.write_layer(new_v[i], pages, offsets, v)
-        attn = decode_attention(q[:, 0], new_k[i], new_v[i], page_table, lengths,
+        _store(cache, new, i, pages, offsets, active[:, None], k, v)
+        attn = decode_attention(q[:, 0], new["k"][i], new["v"][i], page_table, lengths,
                                 layer=i, config=attention)
         x = x + attn.reshape(b, 1, -1) @ layer["wo"]
         x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-    cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+    cache = cache.replace(**{name: tuple(arrays) for name, arrays in new.items()},
                           seq_lens=cache.seq_lens.at[slots].add(active.astype(jnp.int32)))
     return cache, _logits(params, config, x[:, 0])
 

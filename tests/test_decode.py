@@ -24,7 +24,8 @@ def _greedy(b):
                           top_p=jnp.ones(b), keys=jnp.zeros((b, 2), jnp.uint32))
 
 
-def _generate(params, prompts, n, slots=None, page_size=4, max_seqs=None, t=16):
+def _generate(params, prompts, n, slots=None, page_size=4, max_seqs=None, t=16,
+              logical_page_size=None):
     """Greedy n tokens for each prompt through start + run (prompts padded to t, so calls with
     the same batch size share one compile); returns ids and the final state."""
     b = len(prompts)
@@ -32,7 +33,8 @@ def _generate(params, prompts, n, slots=None, page_size=4, max_seqs=None, t=16):
     pages = -(-(t + n) // page_size)
     spec = KVCacheSpec(num_layers=CONFIG.num_layers, num_kv_heads=2, head_dim=8,
                        num_pages=(max_seqs or b) * pages + 1, page_size=page_size,
-                       max_seqs=max_seqs or b, max_pages_per_seq=pages)
+                       max_seqs=max_seqs or b, max_pages_per_seq=pages,
+                       logical_page_size=logical_page_size)
     cache = kv_cache.init_cache(spec)
     for s, p in zip(slots, prompts):
         cache, ok = kv_cache.reserve(cache, s, len(p) + n)
@@ -135,3 +137,28 @@ def test_sampling_is_reproducible_per_seed():
 def test_sampling_params_validation(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_key_statistics_track_the_stored_keys(params):
+    """With statistics kept, prefill + decode leave every logical page's max/min equal to those
+    of the keys stored in it (the pool holds post-RoPE keys), and generation is unchanged."""
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(0, 97, n).tolist() for n in (11, 6)]
+    plain, _ = _generate(params, prompts, 9, slots=[1, 0])
+    tokens, state = _generate(params, prompts, 9, slots=[1, 0], logical_page_size=2)
+    np.testing.assert_array_equal(tokens, plain)
+    cache = state.cache
+    assert cache.logical_page_size == 2
+    for slot in (0, 1):
+        n = int(cache.seq_lens[slot])
+        assert n == len(prompts[1 - slot]) + 9 - 1
+        row = np.asarray(cache.page_table[slot])
+        for layer in range(CONFIG.num_layers):
+            keys = np.asarray(kv_cache.gather_pages(cache.k[layer], cache.page_table[slot:slot + 1]))[0]
+            for j in range(-(-n // 2)):
+                chunk = keys[:, 2 * j:min(2 * j + 2, n)]  # [Hkv, <=2, D]
+                page, logical = row[2 * j // 4], (2 * j % 4) // 2
+                np.testing.assert_array_equal(np.asarray(cache.kmax[layer][:, page, logical]),
+                                              chunk.max(1))
+                np.testing.assert_array_equal(np.asarray(cache.kmin[layer][:, page, logical]),
+                                              chunk.min(1))

@@ -109,3 +109,45 @@ def test_random_reserve_release_never_double_books(sequence):
 def test_spec_validation():
     with pytest.raises(ValueError, match="null page"):
         _spec(num_pages=1)
+
+
+def test_key_stats_exact_across_boundaries_and_reuse():
+    """Stats equal the true per-logical-page max/min after prefill, many decode appends across
+    logical and physical page boundaries, and after a page is freed and reused by another slot."""
+    spec = _spec(num_pages=6, page_size=8, max_seqs=2, max_pages_per_seq=3)
+    h, d, lps = 2, 4, 4  # 2 logical pages per physical page
+    cache = kv_cache.init_cache(spec)
+    kmax = jnp.full((h, spec.num_pages, 2, d), -jnp.inf)
+    kmin = jnp.full((h, spec.num_pages, 2, d), jnp.inf)
+    update = jax.jit(kv_cache.update_key_stats, static_argnames="logical_page_size")
+    rng = np.random.RandomState(0)
+
+    def write(cache, kmax, kmin, slot, start, keys):
+        t = keys.shape[0]
+        positions = jnp.asarray(start + np.arange(t))[None]
+        valid = jnp.ones((1, t), bool)
+        pages, offsets = kv_cache.token_pages(cache, jnp.array([slot]), positions, valid)
+        return update(kmax, kmin, pages, offsets, jnp.asarray(keys)[None], valid,
+                      logical_page_size=lps)
+
+    def check(cache, kmax, kmin, slot, keys):
+        row = _row(cache, slot)
+        for j in range(-(-len(keys) // lps)):
+            chunk = keys[j * lps:(j + 1) * lps]  # [n, H, D]
+            page, logical = row[j * lps // 8], (j * lps % 8) // lps
+            np.testing.assert_array_equal(np.asarray(kmax[:, page, logical]), chunk.max(0))
+            np.testing.assert_array_equal(np.asarray(kmin[:, page, logical]), chunk.min(0))
+
+    keys0 = rng.randn(21, h, d).astype(np.float32)
+    cache, _ = reserve(cache, 0, 21)
+    kmax, kmin = write(cache, kmax, kmin, 0, 0, keys0[:6])        # prefill, mid logical page
+    for i in range(6, 21):                                         # decode appends
+        kmax, kmin = write(cache, kmax, kmin, 0, i, keys0[i:i + 1])
+    check(cache, kmax, kmin, 0, keys0)
+    cache = release(cache, 0)
+    cache, _ = reserve(cache, 1, 11)                               # reuses slot 0's pages
+    assert _row(cache, 1)[:2] == [1, 2]
+    keys1 = rng.randn(11, h, d).astype(np.float32) - 5.0           # all below the old keys
+    kmax, kmin = write(cache, kmax, kmin, 1, 0, keys1[:9])
+    kmax, kmin = write(cache, kmax, kmin, 1, 9, keys1[9:])
+    check(cache, kmax, kmin, 1, keys1)
