@@ -40,16 +40,15 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
-import numpy as np
 import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.provenance import git_commit  # noqa: E402
 from lserve_jax import LLM, SamplingParams  # noqa: E402
 from lserve_jax.checkpoint import default_gguf  # noqa: E402
 
@@ -71,17 +70,6 @@ PARAGRAPHS = (
     "earth. Young birds on their first journey often follow older ones, and many return each "
     "spring to the same hedge or barn where they were hatched the year before.",
 )
-
-
-def git_commit() -> str:
-    if os.environ.get("LSERVE_COMMIT"):  # set where the tree travels without its .git
-        return os.environ["LSERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=pathlib.Path(__file__).parent, check=True)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cpu_name() -> str:

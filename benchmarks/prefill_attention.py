@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.provenance import git_commit  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     default_prefill_config,
     prefill_tile_counts,
@@ -44,17 +43,6 @@ SMALL_LENGTHS = (512, 1024, 2048)
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of jax's device_kind.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 TIME_BUDGET_S = {True: 2.0, False: 0.5}  # per config after warm-up, by on_gpu
-
-
-def git_commit() -> str:
-    if os.environ.get("LSERVE_COMMIT"):  # set where the tree travels without its .git
-        return os.environ["LSERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=pathlib.Path(__file__).parent, check=True)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def time_ms(fn, *args, budget_s) -> float:

@@ -18,10 +18,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.prefill_attention import git_commit, make_inputs, time_ms  # noqa: E402
+from benchmarks.prefill_attention import make_inputs, time_ms  # noqa: E402
+from benchmarks.provenance import git_commit  # noqa: E402
 from pallas_kernels import sparse_prefill  # noqa: E402
 
 CONFIGS = [  # (block_q, block_k, num_warps, num_stages)

@@ -1,8 +1,5 @@
 """Python API and CLI: behaviour on a tiny converted checkpoint, and every error path."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
 import transformers
