@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: native kernel tests, model tests on GPU, then the benchmarks.
-# Usage (repo root): OUT=dir LSERVE_COMMIT=sha bash benchmarks/gpu_session.sh [bench args...]
-# Wheels missing on the GPU image (gguf) are taken from .whl/ when present.
+# All GPU checks in one go: native kernel tests, model tests on the GPU, then the benchmarks.
+# Usage (repo root): OUT=dir LSERVE_COMMIT=sha bash benchmarks/gpu_checks.sh [bench args...]
+# On a machine without network, wheels of missing packages (gguf) are installed from .whl/.
 set -uo pipefail
 OUT=${OUT:-/tmp/lserve_gpu_out}
 mkdir -p "$OUT"
