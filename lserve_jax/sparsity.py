@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from models.page_selector import MIN_BUDGET_PAGES
+from models.streaming_pool import StreamingLayout
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparsityConfig:
@@ -73,19 +76,15 @@ class SparsityConfig:
         return self.page_size // self.logical_page_size
 
     @property
-    def num_sink_pages(self) -> int:
-        """Streaming-pool sink pages per sequence (DESIGN §1.3)."""
-        return self.dec_sink_tokens // self.page_size
-
-    @property
-    def num_ring_pages(self) -> int:
-        """Streaming-pool ring pages per sequence; +1 lets the window straddle a page boundary."""
-        return self.dec_local_tokens // self.page_size + 1
+    def streaming_layout(self) -> StreamingLayout:
+        """Streaming-head pages per sequence in decode: sink pages + ring (DESIGN §1.3)."""
+        return StreamingLayout(page_size=self.page_size, sink_tokens=self.dec_sink_tokens,
+                               local_tokens=self.dec_local_tokens)
 
     @property
     def budget_pages(self) -> int:
-        """Pages a dense head attends per decode step: at least 3 (DESIGN §1.4)."""
-        return max(3, self.token_budget // self.page_size)
+        """Pages a dense head attends per decode step (DESIGN §1.4)."""
+        return max(MIN_BUDGET_PAGES, self.token_budget // self.page_size)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -176,17 +176,6 @@ def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Ar
     return pool.at[:, pages, offsets].set(jnp.moveaxis(x, 2, 0).astype(pool.dtype))
 
 
-def gather_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
-    """Contiguous view of each sequence's pages.
-
-    pool [Hkv, P, S, D]; page_table [B, max_pages] -> [B, Hkv, max_pages * S, D].
-    """
-    g = pool[:, page_table]  # [Hkv, B, max_pages, S, D]
-    hkv, b, n, s, d = g.shape
-    return jnp.moveaxis(g, 1, 0).reshape(b, hkv, n * s, d)
-
-
-
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
                      k: jax.Array, valid: jax.Array, *,
                      logical_page_size: int) -> tuple[jax.Array, jax.Array]:

@@ -48,3 +48,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def gather_pages(pool, page_table):
+    """Contiguous view of each sequence's pages, for checking what a pool holds.
+
+    pool [Hkv, P, S, D]; page_table [B, max_pages] -> [B, Hkv, max_pages * S, D].
+    """
+    g = pool[:, page_table]  # [Hkv, B, max_pages, S, D]
+    hkv, b, n, s, d = g.shape
+    return jnp.moveaxis(g, 1, 0).reshape(b, hkv, n * s, d)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import gather_pages
 from lserve_jax import decode_loop
 from lserve_jax.sampling import SamplingArrays, SamplingParams, sample
 from models import AttentionConfig, KVCacheSpec, LlamaConfig, init_params, kv_cache, llama
@@ -154,7 +155,7 @@ def test_key_statistics_track_the_stored_keys(params):
         assert n == len(prompts[1 - slot]) + 9 - 1
         row = np.asarray(cache.page_table[slot])
         for layer in range(CONFIG.num_layers):
-            keys = np.asarray(kv_cache.gather_pages(cache.k[layer], cache.page_table[slot:slot + 1]))[0]
+            keys = np.asarray(gather_pages(cache.k[layer], cache.page_table[slot:slot + 1]))[0]
             for j in range(-(-n // 2)):
                 chunk = keys[:, 2 * j:min(2 * j + 2, n)]  # [Hkv, <=2, D]
                 page, logical = row[2 * j // 4], (2 * j % 4) // 2

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import gather_pages
 from hypothesis import given, settings, strategies as st
 
 from models import kv_cache
@@ -63,7 +64,7 @@ def test_write_then_gather_round_trip():
     valid = positions < lens[:, None]
     pages, offsets = kv_cache.token_pages(cache, jnp.array([0, 1]), positions, valid)
     pool = kv_cache.write_layer(cache.k[0], pages, offsets, x)
-    got = kv_cache.gather_pages(pool, cache.page_table)  # [2, Hkv, 12, D]
+    got = gather_pages(pool, cache.page_table)  # [2, Hkv, 12, D]
     for b in range(2):
         n = int(lens[b])
         np.testing.assert_array_equal(np.asarray(got[b, :, :n]), np.asarray(x[b, :n].transpose(1, 0, 2)))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lserve_jax.sparsity import SparsityConfig
 from models.streaming_pool import StreamingLayout, slot_positions, survives, token_slot
 
 
@@ -45,6 +46,8 @@ def test_batch_of_lengths_and_prefill_writes():
 def test_layout_sizes_and_validation():
     layout = StreamingLayout(page_size=64, sink_tokens=128, local_tokens=256)
     assert (layout.num_sink_pages, layout.num_ring_pages, layout.num_pages) == (2, 5, 7)
+    assert SparsityConfig().streaming_layout == layout  # LServe's decode defaults
+    assert SparsityConfig(token_budget=64).budget_pages == 3  # never fewer than 3 pages
     for kwargs in (dict(sink_tokens=100, local_tokens=256), dict(sink_tokens=128, local_tokens=0),
                    dict(sink_tokens=-64, local_tokens=256)):
         with pytest.raises(ValueError):
