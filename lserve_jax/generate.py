@@ -14,6 +14,7 @@ import sys
 from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
+from models.attention import PAGE_SELECTIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in SparsityConfig.field_names():
         default = getattr(SparsityConfig(), name)
         kind = str if name == "head_pattern" else type(default)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+        choices = PAGE_SELECTIONS if name == "page_selection" else None
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
                        help=f"LServe knob (default {default})")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     p.add_argument("-v", "--verbose", action="store_true", help="log compiles")

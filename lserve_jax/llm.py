@@ -18,7 +18,7 @@ import numpy as np
 from lserve_jax import decode_loop, head_pattern
 from lserve_jax.sampling import SamplingArrays, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import kv_cache
+from models import kv_cache, llama
 from models.attention import AttentionConfig
 
 log = logging.getLogger("lserve_jax")
@@ -99,26 +99,27 @@ class LLM:
         self._executables: dict = {}
 
     def _attention_config(self) -> AttentionConfig:
-        """Dense, or LServe's head split from the head pattern (DESIGN §1.1, §1.2).
-
-        LServe mode runs the unified sparse prefill kernel with the pattern's streaming heads;
-        decode still attends densely over all pages until the page selector lands.
-        """
+        """Dense, or LServe's unified sparse attention from the head pattern and the sparsity
+        knobs (DESIGN §1): Λ-masked streaming heads in prefill; in decode, sink + ring pages for
+        streaming heads and `token_budget` tokens of selected pages for dense heads."""
         if self.attention_mode == "dense":
             return AttentionConfig(mode="dense", impl=self.impl)
         s = self.sparsity
         streaming = None
         if s.head_pattern is None:
-            log.warning("attention='lserve' without a head_pattern: every head is a dense head")
+            log.warning("attention='lserve' without a head_pattern: every head is a dense head "
+                        "(page selection only)")
         else:
             streaming = head_pattern.streaming_heads_for_model(
                 s.head_pattern, s.static_sparsity, self.config.num_layers,
                 self.config.num_kv_heads)
             log.info("head pattern %s: %s", s.head_pattern, head_pattern.describe(streaming))
-        log.warning("attention='lserve': sparse prefill; decode attends to all pages (the "
-                    "page selector is not wired in yet)")
-        return AttentionConfig(mode="lserve", impl=self.impl, ctx_sink_tokens=s.ctx_sink_tokens,
-                               ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming)
+        return AttentionConfig(
+            mode="lserve", impl=self.impl, ctx_sink_tokens=s.ctx_sink_tokens,
+            ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming,
+            dec_sink_tokens=s.dec_sink_tokens, dec_local_tokens=s.dec_local_tokens,
+            token_budget=s.token_budget, selector_interval=s.selector_interval,
+            page_selection=s.page_selection)
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -200,11 +201,11 @@ class LLM:
         capacity = _bucket(int(max_tokens.max()), 16)
         page_size = self.sparsity.page_size
         pages_per_seq = -(-(t_bucket + capacity) // page_size)
-        spec = kv_cache.KVCacheSpec(
-            num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
-            head_dim=self.config.head_dim, num_pages=b * pages_per_seq + 1, page_size=page_size,
+        spec = llama.cache_spec(
+            self.config, self.attention, num_pages=b * pages_per_seq + 1, page_size=page_size,
             max_seqs=b, max_pages_per_seq=pages_per_seq,
-            dtype=jnp.dtype(self.params["embed"].dtype).name)
+            dtype=jnp.dtype(self.params["embed"].dtype).name,
+            logical_page_size=self.sparsity.logical_page_size)
         cache = kv_cache.init_cache(spec)
         for slot in range(b):
             cache, ok = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(lens[slot] + max_tokens[slot]))

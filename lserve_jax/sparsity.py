@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from models.attention import PAGE_SELECTIONS
 from models.page_selector import MIN_BUDGET_PAGES
 from models.streaming_pool import StreamingLayout
 
@@ -22,6 +23,9 @@ class SparsityConfig:
     dec_local_tokens     local window kept in decode (multiple of page_size)
     token_budget         tokens attended per dense head per decode step (multiple of page_size)
     selector_interval    recompute the page selection every N decode steps
+    page_selection       "kv_head": one page list per KV head (the GQA group's query heads
+                         combined, each page loaded once per group); "query_head": one per
+                         query head, as in LServe
     head_pattern         DuoAttention `full_attention_heads.tsv` (None: every head dense)
     """
 
@@ -34,6 +38,7 @@ class SparsityConfig:
     dec_local_tokens: int = 256
     token_budget: int = 4096
     selector_interval: int = 4
+    page_selection: str = "kv_head"
     head_pattern: str | None = None
 
     def __post_init__(self):
@@ -65,6 +70,9 @@ class SparsityConfig:
             raise ValueError(f"{token_budget=} must be a positive multiple of {page_size=}")
         if self.selector_interval < 1:
             raise ValueError(f"selector_interval={self.selector_interval} must be >= 1")
+        if self.page_selection not in PAGE_SELECTIONS:
+            raise ValueError(f"page_selection={self.page_selection!r} must be one of "
+                             f"{PAGE_SELECTIONS}")
         if self.head_pattern is not None:
             path = Path(self.head_pattern)
             if not path.is_file():

@@ -2,7 +2,9 @@
 
 `prefill_attention` runs over a whole (right-padded) prompt, `decode_attention` over the paged
 cache for one new token per sequence. `AttentionConfig.impl` picks the Pallas kernels or their
-plain-jnp references; `mode` picks dense attention or LServe's head split (DESIGN §1.2, §1.4).
+plain-jnp references; `mode` picks dense attention or LServe's unified sparse attention: the
+streaming heads' Λ mask in prefill (DESIGN §1.2), and in decode the streaming heads' sink + ring
+pages and the dense heads' selected pages (DESIGN §1.3, §1.4).
 
 Einsum alphabet used in models/: b batch, t query position, s key position, h query head,
 k KV head, g query head within a GQA group, d head dim, e model (hidden) dim.
@@ -11,23 +13,31 @@ k KV head, g query head within a GQA group, d head dim, e model (hidden) dim.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import sparse_prefill_attention
+from models import page_selector, streaming_pool
+from models.kv_cache import KVCache
+from pallas_kernels import paged_decode_attention, sparse_prefill_attention
 
 ATTENTION_MODES = ("dense", "lserve")
 ATTENTION_IMPLS = ("xla", "pallas")
+PAGE_SELECTIONS = ("kv_head", "query_head")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """Static attention settings, passed to jit as a static argument.
 
-    `streaming_heads[layer][kv_head]` marks LServe streaming heads (Λ mask in prefill); None means
-    every head is dense. `ctx_sink_tokens`/`ctx_local_tokens` are the prefill Λ window.
+    `streaming_heads[layer][kv_head]` marks LServe streaming heads; None means every head is
+    dense. `ctx_sink_tokens`/`ctx_local_tokens` are the prefill Λ window, `dec_sink_tokens`/
+    `dec_local_tokens` the decode one. Dense heads attend to `token_budget` tokens of selected
+    pages, reselected every `selector_interval` steps, with one page list per KV head
+    (`page_selection="kv_head"`) or per query head (`"query_head"`, as LServe does).
+    The decode knobs only apply in "lserve" mode.
     """
 
     mode: str = "dense"
@@ -36,6 +46,11 @@ class AttentionConfig:
     ctx_sink_tokens: int = 128
     ctx_local_tokens: int = 8192
     streaming_heads: tuple[tuple[bool, ...], ...] | None = None
+    dec_sink_tokens: int = 128
+    dec_local_tokens: int = 256
+    token_budget: int = 4096
+    selector_interval: int = 4
+    page_selection: str = "kv_head"
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
@@ -46,6 +61,29 @@ class AttentionConfig:
             raise ValueError(f"{self.ctx_sink_tokens=} must be >= 0")
         if self.ctx_local_tokens < 1:
             raise ValueError(f"{self.ctx_local_tokens=} must be >= 1")
+        if self.selector_interval < 1:
+            raise ValueError(f"{self.selector_interval=} must be >= 1")
+        if self.page_selection not in PAGE_SELECTIONS:
+            raise ValueError(f"page_selection={self.page_selection!r} must be one of "
+                             f"{PAGE_SELECTIONS}")
+
+    @property
+    def has_streaming(self) -> bool:
+        return (self.mode == "lserve" and self.streaming_heads is not None
+                and any(any(layer) for layer in self.streaming_heads))
+
+    def streaming_layout(self, page_size: int) -> streaming_pool.StreamingLayout:
+        """Streaming heads' decode pages for this page size (DESIGN §1.3)."""
+        return streaming_pool.StreamingLayout(page_size=page_size,
+                                              sink_tokens=self.dec_sink_tokens,
+                                              local_tokens=self.dec_local_tokens)
+
+    def budget_pages(self, page_size: int) -> int:
+        """Pages a dense head attends per decode step, K = max(3, token_budget / page_size)."""
+        if self.token_budget < page_size or self.token_budget % page_size:
+            raise ValueError(f"token_budget={self.token_budget} must be a positive multiple of "
+                             f"{page_size=}")
+        return max(page_selector.MIN_BUDGET_PAGES, self.token_budget // page_size)
 
     def layer_streaming(self, layer: int, num_kv_heads: int) -> tuple[bool, ...]:
         """Streaming flags of one layer's KV heads (all False in dense mode)."""
@@ -74,27 +112,99 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_lens: jax.Ar
         seq_lens=seq_lens, impl=config.impl, interpret=config.interpret)
 
 
-def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, page_table: jax.Array,
-                     lengths: jax.Array, *, layer: int, config: AttentionConfig) -> jax.Array:
-    """Attention of one new query per sequence over its pages (dense; LServe decode comes with
-    the paged decode kernel).
+def _head_split(cache: KVCache, layer: int, config: AttentionConfig
+                ) -> tuple[list[int], list[int]]:
+    """Dense and streaming KV-head ids of a layer, checked against the cache's pools."""
+    num_dense = cache.k[layer].shape[0]
+    num_kv_heads = num_dense + (cache.sk[layer].shape[0] if cache.sk else 0)
+    flags = config.layer_streaming(layer, num_kv_heads)
+    dense = [h for h, s in enumerate(flags) if not s]
+    if len(dense) != num_dense:
+        raise ValueError(f"layer {layer}: the cache holds {num_dense} dense heads, the attention "
+                         f"config has {len(dense)}")
+    return dense, [h for h, s in enumerate(flags) if s]
 
-    q [B, Hq, D]; k_pool, v_pool [Hkv, P, S, D]; page_table [B, max_pages]; lengths [B]
-    (tokens to attend, including the new one) -> [B, Hq, D].
+
+def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
+                     selected: jax.Array | None, *, layer: int, config: AttentionConfig
+                     ) -> jax.Array:
+    """Attention of one new query per sequence over its pages (DESIGN §1.4 step 3).
+
+    q [B, Hq, D]; cache holds the layer's pools with the new token already written; slots [B];
+    lengths [B] tokens to attend (including the new one); selected [B, Hsel, K] the dense heads'
+    page-table columns in LServe mode (from `select_pages_for_step`), None for dense attention
+    over all pages. Returns [B, Hq, D].
+
+    Dense heads read their pages from the dense pool, streaming heads their sink and ring pages
+    from the streaming pool; each kind is one call of the paged decode kernel over (page, lo, hi)
+    entries, and the outputs are put back in query-head order.
     """
-    del layer
     b, hq, d = q.shape
-    hkv, _, page_size, _ = k_pool.shape
-    # Gathered pages stay in the pool's head-major layout (no transpose copy on CPU).
-    keys, values = k_pool[:, page_table], v_pool[:, page_table]  # [Hkv, B, n, S, D]
-    qg = q.reshape(b, hkv, hq // hkv, d).transpose(1, 0, 2, 3)  # [Hkv, B, G, D]
-    # [k,b,g,d] x [k,b,n,s,d] -> [k,b,g,n,s]
-    scores = jnp.einsum("kbgd,kbnsd->kbgns", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores.reshape(*scores.shape[:3], -1) / math.sqrt(d)  # [Hkv, B, G, n * S]
-    visible = jnp.arange(scores.shape[-1])[None, :] < lengths[:, None]  # [B, n * S]
-    scores = jnp.where(visible[None, :, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).reshape(*scores.shape[:3], -1, page_size)
-    # [k,b,g,n,s] x [k,b,n,s,d] -> [k,b,g,d]
-    out = jnp.einsum("kbgns,kbnsd->kbgd", probs.astype(values.dtype), values,
-                     preferred_element_type=jnp.float32)
-    return out.transpose(1, 0, 2, 3).reshape(b, hq, d).astype(q.dtype)
+    dense, stream = _head_split(cache, layer, config)
+    hkv = len(dense) + len(stream)
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g, d)
+    page_size = cache.page_size
+    kernel = functools.partial(paged_decode_attention, impl=config.impl,
+                               interpret=config.interpret)
+    outs = []
+    if dense:
+        table = cache.page_table[slots]  # [B, P]
+        if selected is None:  # every page, one list per KV head
+            columns = jnp.broadcast_to(jnp.arange(table.shape[1], dtype=jnp.int32),
+                                       (b, len(dense), table.shape[1]))
+            used = True
+        else:
+            columns = selected
+            num_pages = (lengths + page_size - 1) // page_size
+            used = jnp.arange(columns.shape[2]) < jnp.minimum(columns.shape[2], num_pages)[:, None, None]
+        pages = jnp.take_along_axis(table[:, None, :], columns, axis=2)  # [B, Hsel, K]
+        hi = jnp.clip(lengths[:, None, None] - columns * page_size, 0, page_size)
+        hi = jnp.where(used, hi, 0).astype(jnp.int32)
+        qd = qg[:, dense]  # [B, Hd, G, D]
+        if columns.shape[1] != len(dense):  # per-query-head lists: each query head is a group
+            qd = qd.reshape(b, len(dense) * g, 1, d)
+        out = kernel(qd, cache.k[layer], cache.v[layer], pages, jnp.zeros_like(hi), hi)
+        outs.append(out.reshape(b, len(dense), g, d))
+    if stream:
+        layout = config.streaming_layout(page_size)
+        lo, hi = streaming_pool.page_ranges(layout, lengths)  # [B, n]
+        shape = (b, len(stream), layout.num_pages)
+        pages = jnp.broadcast_to(cache.stream_table[slots][:, None], shape)
+        out = kernel(qg[:, stream], cache.sk[layer], cache.sv[layer], pages,
+                     jnp.broadcast_to(lo[:, None], shape), jnp.broadcast_to(hi[:, None], shape))
+        outs.append(out)
+    order = np.argsort(dense + stream)  # back to KV-head order
+    out = jnp.concatenate(outs, axis=1)[:, order] if stream and dense else outs[0]
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
+                          need: jax.Array, *, layer: int, config: AttentionConfig) -> jax.Array:
+    """The dense heads' page lists for this decode step: recomputed for rows in `need`, the
+    stored selection for the others (selector reuse, DESIGN §1.4 step 2).
+
+    q [B, Hq, D]; lengths [B] including the new token; need [B] bool. Returns
+    [B, Hsel, K] page-table columns (see `page_selector.select_dense_pages`). Scoring runs only
+    when some row needs it and has more pages than the budget; shorter histories take all pages.
+    """
+    b, hq, d = q.shape
+    dense, stream = _head_split(cache, layer, config)
+    g = hq // (len(dense) + len(stream))
+    stored = cache.selected[layer][slots]  # [B, Hsel, K]
+    k = stored.shape[2]
+    num_pages = (lengths + cache.page_size - 1) // cache.page_size
+
+    def score():
+        qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
+        return page_selector.select_dense_pages(
+            qd, cache.kmax[layer], cache.kmin[layer], cache.page_table[slots], num_pages,
+            budget_pages=k, per_query_head=config.page_selection == "query_head")
+
+    def all_pages():
+        column = jnp.arange(k, dtype=jnp.int32)
+        return jnp.broadcast_to(jnp.where(column < num_pages[:, None], column, 0)[:, None],
+                                stored.shape)
+
+    fresh = jax.lax.cond(jnp.any(need & (num_pages > k)), score, all_pages)
+    return jnp.where(need[:, None, None], fresh, stored)

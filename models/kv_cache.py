@@ -1,20 +1,37 @@
-"""The paged KV cache: a pytree of page pools plus a page table, managed by pure functions.
+"""The paged KV cache: a pytree of page pools, page tables and selector state, managed by pure
+functions.
 
-Array layouts (fixed here, used everywhere):
+LServe keeps two pools per layer (DESIGN §1.3): dense heads store every token in pages that grow
+with the sequence, streaming heads store only their sink and a ring of recent pages. Array layouts
+(fixed here, used everywhere; Hd[l] / Hs[l] = dense / streaming KV heads of layer l, in KV-head
+order; in dense mode every head is a dense head):
 
-    k[layer], v[layer]  [num_kv_heads, num_pages, page_size, head_dim]   one pool per layer
-    kmax[layer], kmin[layer]
-                        [num_kv_heads, num_pages, page_size / logical_page_size, head_dim]
+    k[l], v[l]          [Hd[l], num_pages, page_size, head_dim]            dense-head pool
+    kmax[l], kmin[l]    [Hd[l], num_pages, page_size / logical_page_size, head_dim]
                         per-logical-page key statistics (empty tuples when not kept)
-    page_table          [max_seqs, max_pages_per_seq] int32               shared by all layers
-    seq_lens            [max_seqs] int32                                  tokens stored per slot
-    num_reserved        [max_seqs] int32                                  pages owned per slot
-    free                [num_pages] bool                                  page is unowned
+    page_table          [max_seqs, max_pages_per_seq] int32                shared by all layers
+    seq_lens            [max_seqs] int32                                   tokens stored per slot
+    num_reserved        [max_seqs] int32                                   pages owned per slot
+    free                [num_pages] bool                                   page is unowned
 
-The head axis comes first so a pool can later be sharded along KV heads. Page 0 is the reserved
-null page (`NULL_PAGE`): it is never owned, every unused page-table entry points at it, and writes
-for padding tokens or inactive slots land in it, so every index stays valid without branches.
-Readers mask by `seq_lens`, so whatever the null page holds is never attended to.
+    sk[l], sv[l]        [Hs[l], 1 + max_seqs * num_stream_pages, page_size, head_dim]
+                        streaming-head pool (empty tuples when no layer has streaming heads)
+    stream_table        [max_seqs, num_stream_pages] int32: the sink pages then the ring pages
+                        of each slot (models/streaming_pool.py); fixed at init, because every
+                        sequence owns the same constant number of them
+
+    selected[l]         [max_seqs, Hsel[l], budget_pages] int32: logical page *indices* (column
+                        of page_table) each dense head attends to, ascending; Hsel[l] = Hd[l] for
+                        per-KV-head selection, Hd[l] * G for per-query-head selection
+    selected_num_pages  [max_seqs] int32: pages the slot had when `selected` was computed
+                        (-1: never); entries at or past it are unused
+    decode_steps        [max_seqs] int32: decode steps since the prefill (the selector's clock,
+                        per sequence so requests can join a running batch at any step)
+
+The head axis comes first so a pool can later be sharded along KV heads. Page 0 of each pool is
+the reserved null page (`NULL_PAGE`): it is never owned, every unused page-table entry points at
+it, and writes for padding tokens or inactive slots land in it, so every index stays valid without
+branches. Readers mask by `seq_lens`, so whatever the null page holds is never attended to.
 
 Sequences are addressed by slot (row of the page table), never by batch position, so requests can
 later join and leave a running batch.
@@ -27,6 +44,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from models import streaming_pool
+from models.streaming_pool import StreamingLayout
 
 NULL_PAGE = 0
 
@@ -41,6 +61,12 @@ class KVCache:
     seq_lens: jax.Array
     num_reserved: jax.Array
     free: jax.Array
+    sk: tuple[jax.Array, ...]
+    sv: tuple[jax.Array, ...]
+    stream_table: jax.Array
+    selected: tuple[jax.Array, ...]
+    selected_num_pages: jax.Array
+    decode_steps: jax.Array
 
     @property
     def page_size(self) -> int:
@@ -60,13 +86,35 @@ class KVCache:
         return self.page_table.shape[0]
 
     @property
+    def num_stream_pages(self) -> int:
+        """Streaming pages per sequence (0 when no layer has streaming heads)."""
+        return self.stream_table.shape[1]
+
+    @property
+    def budget_pages(self) -> int | None:
+        """Pages a dense head attends per decode step; None when no selection state is kept."""
+        return self.selected[0].shape[2] if self.selected else None
+
+    def replace_layer(self, layer: int, **arrays: jax.Array) -> KVCache:
+        """The cache with entry `layer` of the named per-layer tuples replaced."""
+        return self.replace(**{name: tuple(x if i != layer else arrays[name]
+                                           for i, x in enumerate(getattr(self, name)))
+                               for name in arrays})
+
+    @property
     def max_pages_per_seq(self) -> int:
         return self.page_table.shape[1]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KVCacheSpec:
-    """Capacities of a cache. `num_pages` counts the null page."""
+    """Capacities and head split of a cache. `num_pages` counts the null page.
+
+    streaming_heads[l][kv_head] marks the streaming heads of layer l (None: all dense); they need
+    `streaming_layout`. `budget_pages` (with `logical_page_size`) keeps the page selector's state,
+    `selection_lists_per_head` page lists per dense KV head (1: per-KV-head selection, G:
+    per-query-head selection).
+    """
 
     num_layers: int
     num_kv_heads: int
@@ -77,10 +125,14 @@ class KVCacheSpec:
     max_pages_per_seq: int
     dtype: str = "float32"
     logical_page_size: int | None = None  # keep key statistics at this granularity
+    streaming_heads: tuple[tuple[bool, ...], ...] | None = None
+    streaming_layout: StreamingLayout | None = None
+    budget_pages: int | None = None
+    selection_lists_per_head: int = 1
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "max_seqs",
-                     "max_pages_per_seq"):
+                     "max_pages_per_seq", "selection_lists_per_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_pages < 2:
@@ -88,29 +140,74 @@ class KVCacheSpec:
         lps = self.logical_page_size
         if lps is not None and (lps < 1 or self.page_size % lps):
             raise ValueError(f"logical_page_size={lps} must divide page_size={self.page_size}")
+        flags = self.streaming_heads
+        if flags is not None:
+            if len(flags) != self.num_layers or any(len(f) != self.num_kv_heads for f in flags):
+                raise ValueError(f"streaming_heads must be {self.num_layers} layers x "
+                                 f"{self.num_kv_heads} KV heads")
+            if any(any(f) for f in flags) and self.streaming_layout is None:
+                raise ValueError("streaming heads need a streaming_layout")
+        layout = self.streaming_layout
+        if layout is not None and layout.page_size != self.page_size:
+            raise ValueError(f"streaming_layout.page_size={layout.page_size} != {self.page_size=}")
+        if self.budget_pages is not None and lps is None:
+            raise ValueError("page selection (budget_pages) needs logical_page_size statistics")
 
     @property
     def max_seq_len(self) -> int:
         return self.max_pages_per_seq * self.page_size
 
+    def dense_heads(self, layer: int) -> tuple[int, ...]:
+        """KV-head ids of layer `layer` kept in the dense pool, ascending."""
+        flags = self.streaming_heads[layer] if self.streaming_heads else ()
+        return tuple(h for h in range(self.num_kv_heads) if not (flags and flags[h]))
+
+    def streaming_head_ids(self, layer: int) -> tuple[int, ...]:
+        """KV-head ids of layer `layer` kept in the streaming pool, ascending."""
+        dense = set(self.dense_heads(layer))
+        return tuple(h for h in range(self.num_kv_heads) if h not in dense)
+
+    @property
+    def has_streaming(self) -> bool:
+        return any(self.streaming_head_ids(layer) for layer in range(self.num_layers))
+
 
 def init_cache(spec: KVCacheSpec) -> KVCache:
     """An empty cache: zero pools, all pages free except the null page, all slots empty."""
-    shape = (spec.num_kv_heads, spec.num_pages, spec.page_size, spec.head_dim)
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(spec.dtype))  # noqa: E731
-    stats = 0 if spec.logical_page_size is None else spec.num_layers
-    stats_shape = (spec.num_kv_heads, spec.num_pages,
-                   spec.page_size // (spec.logical_page_size or 1), spec.head_dim)
+    dtype = jnp.dtype(spec.dtype)
+    s, d, layers = spec.page_size, spec.head_dim, range(spec.num_layers)
+    dense = [len(spec.dense_heads(layer)) for layer in layers]
+    pool = lambda h, p: jnp.zeros((h, p, s, d), dtype)  # noqa: E731
+    stats = spec.logical_page_size is not None
+    per_page = s // (spec.logical_page_size or 1)
+    # Statistics are kept in f32 from the unquantized keys (DESIGN §1.6).
+    stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, jnp.float32)  # noqa: E731
+    if spec.has_streaming:
+        n = spec.streaming_layout.num_pages
+        stream_pages = 1 + spec.max_seqs * n
+        stream_table = 1 + jnp.arange(spec.max_seqs * n, dtype=jnp.int32).reshape(-1, n)
+    else:
+        stream_pages, stream_table = 1, jnp.zeros((spec.max_seqs, 0), jnp.int32)
+    selecting = spec.budget_pages is not None
     return KVCache(
-        k=tuple(zeros() for _ in range(spec.num_layers)),
-        v=tuple(zeros() for _ in range(spec.num_layers)),
-        # Statistics are kept in f32 from the unquantized keys (DESIGN §1.6).
-        kmax=tuple(jnp.full(stats_shape, -jnp.inf) for _ in range(stats)),
-        kmin=tuple(jnp.full(stats_shape, jnp.inf) for _ in range(stats)),
+        k=tuple(pool(dense[layer], spec.num_pages) for layer in layers),
+        v=tuple(pool(dense[layer], spec.num_pages) for layer in layers),
+        kmax=tuple(stat(dense[layer], -jnp.inf) for layer in layers) if stats else (),
+        kmin=tuple(stat(dense[layer], jnp.inf) for layer in layers) if stats else (),
         page_table=jnp.full((spec.max_seqs, spec.max_pages_per_seq), NULL_PAGE, jnp.int32),
         seq_lens=jnp.zeros((spec.max_seqs,), jnp.int32),
         num_reserved=jnp.zeros((spec.max_seqs,), jnp.int32),
         free=jnp.arange(spec.num_pages) != NULL_PAGE,
+        sk=tuple(pool(spec.num_kv_heads - dense[layer], stream_pages) for layer in layers)
+        if spec.has_streaming else (),
+        sv=tuple(pool(spec.num_kv_heads - dense[layer], stream_pages) for layer in layers)
+        if spec.has_streaming else (),
+        stream_table=stream_table,
+        selected=tuple(
+            jnp.zeros((spec.max_seqs, dense[layer] * spec.selection_lists_per_head,
+                       spec.budget_pages), jnp.int32) for layer in layers) if selecting else (),
+        selected_num_pages=jnp.full((spec.max_seqs,), -1, jnp.int32),
+        decode_steps=jnp.zeros((spec.max_seqs,), jnp.int32),
     )
 
 
@@ -152,6 +249,8 @@ def release(cache: KVCache, slot: jax.Array) -> KVCache:
         seq_lens=cache.seq_lens.at[slot].set(0),
         num_reserved=cache.num_reserved.at[slot].set(0),
         free=cache.free | freed,
+        selected_num_pages=cache.selected_num_pages.at[slot].set(-1),
+        decode_steps=cache.decode_steps.at[slot].set(0),
     )
 
 
@@ -199,3 +298,37 @@ def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets
     kmax = kmax.at[:, pages, logical].max(jnp.where(live, keys, -jnp.inf))
     kmin = kmin.at[:, pages, logical].min(jnp.where(live, keys, jnp.inf))
     return kmax, kmin
+
+
+def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Array,
+                 valid: jax.Array, lengths: jax.Array, k: jax.Array, v: jax.Array, *,
+                 streaming_heads: tuple[bool, ...], layout: StreamingLayout | None) -> KVCache:
+    """Store one layer's new keys/values: dense heads into the dense pool (and their key
+    statistics, when kept), streaming heads into their sink/ring pages (DESIGN §1.3, §1.5).
+
+    slots [B]; positions, valid [B, T]; lengths [B] tokens of each slot once these are written;
+    k, v [B, T, Hkv, D] post-RoPE; streaming_heads: static flags of the layer's KV heads.
+    Streaming heads only write the tokens that survive in their pages (`streaming_pool.survives`),
+    so a long prefill never writes one ring slot twice.
+    """
+    dense = [h for h, s in enumerate(streaming_heads) if not s]
+    stream = [h for h, s in enumerate(streaming_heads) if s]
+    if len(dense) != cache.k[layer].shape[0]:
+        raise ValueError(f"layer {layer}: the cache holds {cache.k[layer].shape[0]} dense heads, "
+                         f"the attention config has {len(dense)}")
+    pages, offsets = token_pages(cache, slots, positions, valid)
+    kd, vd = k[:, :, dense], v[:, :, dense]
+    arrays = dict(k=write_layer(cache.k[layer], pages, offsets, kd),
+                  v=write_layer(cache.v[layer], pages, offsets, vd))
+    if cache.kmax:
+        arrays["kmax"], arrays["kmin"] = update_key_stats(
+            cache.kmax[layer], cache.kmin[layer], pages, offsets, kd, valid,
+            logical_page_size=cache.logical_page_size)
+    if stream:
+        kept = valid & streaming_pool.survives(layout, positions, lengths[:, None])
+        index, offsets = streaming_pool.token_slot(layout, positions)
+        pages = jnp.take_along_axis(cache.stream_table[slots], index, axis=1)
+        pages = jnp.where(kept, pages, NULL_PAGE)
+        arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, k[:, :, stream])
+        arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, v[:, :, stream])
+    return cache.replace_layer(layer, **arrays)

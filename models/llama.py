@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
-from models.attention import AttentionConfig, decode_attention, prefill_attention
+from models.attention import (AttentionConfig, decode_attention, prefill_attention,
+                              select_pages_for_step)
 from models.config import LlamaConfig, rope_inv_freq
 from models.kv_cache import KVCache
 
@@ -62,14 +63,42 @@ def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _store(cache: KVCache, new: dict, i: int, pages, offsets, valid, k, v) -> None:
-    """Write layer i's new keys/values (and key statistics, when kept) into `new`'s lists."""
-    new["k"][i] = kv_cache.write_layer(new["k"][i], pages, offsets, k)
-    new["v"][i] = kv_cache.write_layer(new["v"][i], pages, offsets, v)
-    if cache.kmax:
-        new["kmax"][i], new["kmin"][i] = kv_cache.update_key_stats(
-            new["kmax"][i], new["kmin"][i], pages, offsets, k, valid,
-            logical_page_size=cache.logical_page_size)
+def _layer(layer: dict, config: LlamaConfig, cache: KVCache, x: jax.Array, cos, sin,
+           attend) -> tuple[KVCache, jax.Array]:
+    """One decoder layer, pure: (cache, x [B, T, E]) -> (cache, x).
+
+    `attend(cache, q, k, v) -> (cache, out [B, T, Hq, D])` stores the layer's keys/values and
+    attends; prefill and decode differ only there.
+    """
+    b, t, _ = x.shape
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    q, k, v = _qkv(layer, config, h, cos, sin)
+    cache, attn = attend(cache, q, k, v)
+    x = x + attn.reshape(b, t, -1) @ layer["wo"]
+    return cache, x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+
+
+def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: int,
+               page_size: int, max_seqs: int, max_pages_per_seq: int, dtype: str = "float32",
+               logical_page_size: int = 16) -> kv_cache.KVCacheSpec:
+    """The cache this model needs under `attention`: in LServe mode, the dense/streaming head
+    split of the pattern, key statistics and the page selector's state (DESIGN §1.3)."""
+    lserve = attention.mode == "lserve"
+    streaming = attention.has_streaming
+    per_query_head = lserve and attention.page_selection == "query_head"
+    return kv_cache.KVCacheSpec(
+        num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
+        max_pages_per_seq=max_pages_per_seq, dtype=dtype,
+        logical_page_size=logical_page_size if lserve else None,
+        streaming_heads=attention.streaming_heads if streaming else None,
+        streaming_layout=attention.streaming_layout(page_size) if streaming else None,
+        budget_pages=attention.budget_pages(page_size) if lserve else None,
+        selection_lists_per_head=config.num_heads // config.num_kv_heads if per_query_head else 1)
+
+
+def _streaming_layout(cache: KVCache, attention: AttentionConfig):
+    return attention.streaming_layout(cache.page_size) if cache.sk else None
 
 
 def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
@@ -90,22 +119,23 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < seq_lens[:, None]
-    pages, offsets = kv_cache.token_pages(cache, slots, positions, valid)
     cos, sin = rope_cos_sin(config, positions)
+    layout = _streaming_layout(cache, attention)
     x = params["embed"][tokens]  # [B, T, E]
-    new = {name: list(getattr(cache, name)) for name in ("k", "v", "kmax", "kmin")}
     for i, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = _qkv(layer, config, h, cos, sin)
-        _store(cache, new, i, pages, offsets, valid, k, v)
-        attn = prefill_attention(q, k, v, seq_lens, layer=i, config=attention)
-        x = x + attn.reshape(b, t, -1) @ layer["wo"]
-        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        def attend(cache, q, k, v, i=i):
+            cache = kv_cache.write_tokens(
+                cache, i, slots, positions, valid, seq_lens, k, v,
+                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
+            return cache, prefill_attention(q, k, v, seq_lens, layer=i, config=attention)
+
+        cache, x = _layer(layer, config, cache, x, cos, sin, attend)
     if not all_logits:
         last = jnp.clip(seq_lens - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, E]
-    cache = cache.replace(**{name: tuple(arrays) for name, arrays in new.items()},
-                          seq_lens=cache.seq_lens.at[slots].set(seq_lens))
+    cache = cache.replace(seq_lens=cache.seq_lens.at[slots].set(seq_lens),
+                          decode_steps=cache.decode_steps.at[slots].set(0),
+                          selected_num_pages=cache.selected_num_pages.at[slots].set(-1))
     return cache, _logits(params, config, x)
 
 
@@ -115,25 +145,40 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
 
     tokens, slots [B] int32; active [B] bool (inactive rows write to the null page and do not
     advance). Returns (cache, logits [B, V] f32).
+
+    In LServe mode the dense heads' page selection is recomputed for a row when its clock
+    `decode_steps` is a multiple of `selector_interval` or when it has started a new page since
+    its last selection (so the newest page is always in the list), and reused otherwise.
     """
-    b = tokens.shape[0]
     positions = cache.seq_lens[slots][:, None]  # [B, 1]: the new token's position
-    pages, offsets = kv_cache.token_pages(cache, slots, positions, active[:, None])
     lengths = positions[:, 0] + 1
-    page_table = cache.page_table[slots]
     cos, sin = rope_cos_sin(config, positions)
+    layout = _streaming_layout(cache, attention)
+    num_pages = (lengths + cache.page_size - 1) // cache.page_size
+    need = active & ((cache.decode_steps[slots] % attention.selector_interval == 0)
+                     | (num_pages != cache.selected_num_pages[slots]))
     x = params["embed"][tokens][:, None]  # [B, 1, E]
-    new = {name: list(getattr(cache, name)) for name in ("k", "v", "kmax", "kmin")}
     for i, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = _qkv(layer, config, h, cos, sin)
-        _store(cache, new, i, pages, offsets, active[:, None], k, v)
-        attn = decode_attention(q[:, 0], new["k"][i], new["v"][i], page_table, lengths,
-                                layer=i, config=attention)
-        x = x + attn.reshape(b, 1, -1) @ layer["wo"]
-        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-    cache = cache.replace(**{name: tuple(arrays) for name, arrays in new.items()},
-                          seq_lens=cache.seq_lens.at[slots].add(active.astype(jnp.int32)))
+        def attend(cache, q, k, v, i=i):
+            cache = kv_cache.write_tokens(
+                cache, i, slots, positions, active[:, None], lengths, k, v,
+                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
+            selected = None
+            if cache.selected:
+                selected = select_pages_for_step(q[:, 0], cache, slots, lengths, need, layer=i,
+                                                 config=attention)
+                cache = cache.replace_layer(i, selected=cache.selected[i].at[slots].set(selected))
+            out = decode_attention(q[:, 0], cache, slots, lengths, selected, layer=i,
+                                   config=attention)
+            return cache, out[:, None]
+
+        cache, x = _layer(layer, config, cache, x, cos, sin, attend)
+    step = active.astype(jnp.int32)
+    cache = cache.replace(
+        seq_lens=cache.seq_lens.at[slots].add(step),
+        decode_steps=cache.decode_steps.at[slots].add(step),
+        selected_num_pages=cache.selected_num_pages.at[slots].set(
+            jnp.where(need, num_pages, cache.selected_num_pages[slots])))
     return cache, _logits(params, config, x[:, 0])
 
 
@@ -148,10 +193,8 @@ def forward(params: dict, tokens: jax.Array, *, config: LlamaConfig,
     dtype = params["embed"].dtype
     page_size = 16
     pages_per_seq = -(-t // page_size)
-    spec = kv_cache.KVCacheSpec(
-        num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim, num_pages=b * pages_per_seq + 1, page_size=page_size,
-        max_seqs=b, max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
+    spec = cache_spec(config, attention, num_pages=b * pages_per_seq + 1, page_size=page_size,
+                      max_seqs=b, max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
     cache = kv_cache.init_cache(spec)
     for slot in range(b):
         cache, _ = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(t))

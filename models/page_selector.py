@@ -158,6 +158,36 @@ def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int
     return pages, valid
 
 
+def select_dense_pages(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_table: jax.Array,
+                       num_pages: jax.Array, *, budget_pages: int, per_query_head: bool
+                       ) -> jax.Array:
+    """The whole selector for one layer: statistics of the sequences' pages -> chosen pages.
+
+    Args:
+      q: [B, Hd, G, D] post-RoPE queries of the layer's dense heads (G per KV head).
+      kmax, kmin: [Hd, num_pages_in_pool, L, D] the layer's logical-page key statistics.
+      page_table: [B, P] int32 the sequences' page-table rows.
+      num_pages: [B] int32 physical pages holding tokens.
+      budget_pages: static K. per_query_head: one page list per query head (LServe) instead of
+        one per KV head (`combine_query_heads` with max).
+
+    Returns:
+      [B, Hd * G or Hd, K] int32 page-table *columns* (logical page indices), ascending; the
+      first min(K, num_pages) are used.
+    """
+    b, hd, g, d = q.shape
+    stats_per_page = kmax.shape[2]
+    # [Hd, B, P, L, D] -> [B, Hd, P*L, D]: every logical page of each sequence, in order.
+    seq_max = jnp.moveaxis(kmax[:, page_table], 1, 0).reshape(b, hd, -1, d)
+    seq_min = jnp.moveaxis(kmin[:, page_table], 1, 0).reshape(b, hd, -1, d)
+    scores = logical_page_scores(q.reshape(b, hd * g, d), seq_max, seq_min)  # [B, Hd*G, P*L]
+    scores = physical_page_scores(scores, stats_per_page)  # [B, Hd*G, P]
+    if not per_query_head:
+        scores = combine_query_heads(scores, hd)  # [B, Hd, P]
+    pages, _ = select_pages(scores, num_pages, budget_pages)
+    return pages
+
+
 def reference_select_pages(scores: np.ndarray, num_pages: np.ndarray, budget_pages: int
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force NumPy oracle of `select_pages`, same arguments, results and tie rule."""

@@ -98,3 +98,20 @@ def survives(layout: StreamingLayout, positions: jax.Array, lengths: jax.Array) 
     ring_capacity = layout.num_ring_pages * layout.page_size
     in_ring = positions - layout.sink_tokens > lengths - 1 - layout.sink_tokens - ring_capacity
     return (positions < lengths) & ((positions < layout.sink_tokens) | in_ring)
+
+
+def page_ranges(layout: StreamingLayout, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys of each streaming page the newest token sees, as offset ranges [lo, hi).
+
+    lengths [B] -> lo, hi [B, num_pages] int32 (lo = hi = 0 for a page with nothing visible).
+    Within a page the visible slots are contiguous: a sink page is visible up to its fill, the
+    oldest ring page from where the window starts, the newest ring page up to the newest token
+    (its later slots hold tokens one ring older, outside the window). So a decode kernel can
+    take the pages as (page, lo, hi) entries in any order: softmax does not depend on it.
+    """
+    _, visible = slot_positions(layout, lengths)
+    s = layout.page_size
+    seen = jnp.any(visible, axis=-1)
+    lo = jnp.argmax(visible, axis=-1)
+    hi = s - jnp.argmax(visible[..., ::-1], axis=-1)
+    return (jnp.where(seen, lo, 0).astype(jnp.int32), jnp.where(seen, hi, 0).astype(jnp.int32))

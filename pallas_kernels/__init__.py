@@ -7,3 +7,8 @@ from pallas_kernels.sparse_prefill import sparse_prefill_attention as sparse_pre
 from pallas_kernels.sparse_prefill import (
     sparse_prefill_attention_reference as sparse_prefill_attention_reference,
 )
+from pallas_kernels.paged_decode import paged_decode_attention as paged_decode_attention
+from pallas_kernels.paged_decode import (
+    paged_decode_attention_reference as paged_decode_attention_reference,
+)
+from pallas_kernels.paged_decode import default_num_splits as default_num_splits

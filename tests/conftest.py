@@ -58,3 +58,41 @@ def gather_pages(pool, page_table):
     g = pool[:, page_table]  # [Hkv, B, max_pages, S, D]
     hkv, b, n, s, d = g.shape
     return jnp.moveaxis(g, 1, 0).reshape(b, hkv, n * s, d)
+
+
+def greedy_sampling(b):
+    from lserve_jax.sampling import SamplingArrays
+
+    return SamplingArrays(temperature=jnp.zeros(b), top_k=jnp.zeros(b, jnp.int32),
+                          top_p=jnp.ones(b), keys=jnp.zeros((b, 2), jnp.uint32))
+
+
+def generate_greedy(params, config, attention, prompts, n, *, t=16, page_size=4,
+                    logical_page_size=2, slots=None, max_seqs=None, spec_overrides=None):
+    """Greedy n tokens per prompt (padded to t tokens, so equal batch sizes share a compile)
+    through the jitted start + run loop on a fresh cache; returns ids [B, n] and the state."""
+    import dataclasses
+
+    from lserve_jax import decode_loop
+    from models import kv_cache, llama
+
+    b = len(prompts)
+    slots = list(range(b)) if slots is None else slots
+    pages = -(-(t + n) // page_size)
+    spec = llama.cache_spec(config, attention, num_pages=(max_seqs or b) * pages + 1,
+                            page_size=page_size, max_seqs=max_seqs or b, max_pages_per_seq=pages,
+                            logical_page_size=logical_page_size)
+    cache = kv_cache.init_cache(dataclasses.replace(spec, **(spec_overrides or {})))
+    for s, p in zip(slots, prompts):
+        cache, ok = kv_cache.reserve(cache, s, len(p) + n)
+        assert bool(ok)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    state = decode_loop.start(params, cache, jnp.asarray(tokens),
+                              jnp.asarray([len(p) for p in prompts], jnp.int32),
+                              jnp.asarray(slots, jnp.int32), greedy_sampling(b),
+                              jnp.full((b,), n, jnp.int32), jnp.full((b, 1), -1, jnp.int32),
+                              config=config, attention=attention, capacity=n)
+    state = decode_loop.run(params, state, config=config, attention=attention, num_steps=n)
+    return np.asarray(state.out_tokens), state

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import gather_pages
+from conftest import gather_pages, generate_greedy, greedy_sampling
 from lserve_jax import decode_loop
 from lserve_jax.sampling import SamplingArrays, SamplingParams, sample
 from models import AttentionConfig, KVCacheSpec, LlamaConfig, init_params, kv_cache, llama
@@ -20,36 +20,10 @@ def params():
     return init_params(CONFIG, jax.random.key(0), scale=0.3)
 
 
-def _greedy(b):
-    return SamplingArrays(temperature=jnp.zeros(b), top_k=jnp.zeros(b, jnp.int32),
-                          top_p=jnp.ones(b), keys=jnp.zeros((b, 2), jnp.uint32))
-
-
-def _generate(params, prompts, n, slots=None, page_size=4, max_seqs=None, t=16,
-              logical_page_size=None):
-    """Greedy n tokens for each prompt through start + run (prompts padded to t, so calls with
-    the same batch size share one compile); returns ids and the final state."""
-    b = len(prompts)
-    slots = list(range(b)) if slots is None else slots
-    pages = -(-(t + n) // page_size)
-    spec = KVCacheSpec(num_layers=CONFIG.num_layers, num_kv_heads=2, head_dim=8,
-                       num_pages=(max_seqs or b) * pages + 1, page_size=page_size,
-                       max_seqs=max_seqs or b, max_pages_per_seq=pages,
-                       logical_page_size=logical_page_size)
-    cache = kv_cache.init_cache(spec)
-    for s, p in zip(slots, prompts):
-        cache, ok = kv_cache.reserve(cache, s, len(p) + n)
-        assert bool(ok)
-    tokens = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    state = decode_loop.start(params, cache, jnp.asarray(tokens),
-                              jnp.asarray([len(p) for p in prompts], jnp.int32),
-                              jnp.asarray(slots, jnp.int32), _greedy(b), jnp.full((b,), n, jnp.int32),
-                              jnp.full((b, 1), -1, jnp.int32), config=CONFIG, attention=ATTN,
-                              capacity=n)
-    state = decode_loop.run(params, state, config=CONFIG, attention=ATTN, num_steps=n)
-    return np.asarray(state.out_tokens), state
+def _generate(params, prompts, n, logical_page_size=None, **kw):
+    """Dense decoding; `logical_page_size` keeps key statistics even so."""
+    return generate_greedy(params, CONFIG, ATTN, prompts, n,
+                           spec_overrides=dict(logical_page_size=logical_page_size), **kw)
 
 
 def test_decode_logits_match_full_forward(params):
@@ -96,7 +70,7 @@ def test_stop_tokens_and_max_tokens(params):
                        max_seqs=1, max_pages_per_seq=5)
     cache, _ = kv_cache.reserve(kv_cache.init_cache(spec), 0, 17)
     state = decode_loop.start(params, cache, jnp.asarray([prompt], jnp.int32), jnp.array([7]),
-                              jnp.array([0]), _greedy(b), jnp.array([10]), jnp.array([[stop]]),
+                              jnp.array([0]), greedy_sampling(b), jnp.array([10]), jnp.array([[stop]]),
                               config=CONFIG, attention=ATTN, capacity=16)
     state = decode_loop.run(params, state, config=CONFIG, attention=ATTN, num_steps=16)
     n = int(state.num_generated[0])

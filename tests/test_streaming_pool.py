@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lserve_jax.sparsity import SparsityConfig
-from models.streaming_pool import StreamingLayout, slot_positions, survives, token_slot
+from models.streaming_pool import (StreamingLayout, page_ranges, slot_positions, survives,
+                                   token_slot)
 
 
 @pytest.mark.parametrize("page_size, sink, local", [(4, 8, 8), (4, 0, 4), (8, 8, 16), (2, 2, 6)])
@@ -52,3 +53,14 @@ def test_layout_sizes_and_validation():
                    dict(sink_tokens=-64, local_tokens=256)):
         with pytest.raises(ValueError):
             StreamingLayout(page_size=64, **kwargs)
+
+
+@pytest.mark.parametrize("page_size, sink, local", [(4, 8, 8), (4, 0, 4), (8, 8, 16), (2, 2, 6)])
+def test_page_ranges_are_exactly_the_visible_slots(page_size, sink, local):
+    """The decode kernel reads (page, lo, hi) ranges; they cover the Λ-visible slots exactly."""
+    layout = StreamingLayout(page_size=page_size, sink_tokens=sink, local_tokens=local)
+    lengths = jnp.arange(1, 6 * (sink + local) + 3)
+    _, visible = slot_positions(layout, lengths)
+    lo, hi = (np.asarray(x)[..., None] for x in page_ranges(layout, lengths))
+    offsets = np.arange(page_size)
+    np.testing.assert_array_equal((offsets >= lo) & (offsets < hi), np.asarray(visible))

@@ -1,0 +1,239 @@
+"""Paged decode attention (DESIGN §1.4 step 3): split-K kernel vs jnp reference vs brute force.
+
+Page lists are built the way the model builds them: shuffled physical pages, dense-style entries
+covering a ragged length, a ring-style suffix [x, S) and prefix [0, y), and trailing padding
+entries on the null page 0. `TestKernel` runs the Triton kernel in interpret mode on CPU;
+`TestKernelGpu` runs the same checks natively plus a long list.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from pallas_kernels import (
+    default_num_splits,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+from pallas_kernels.paged_decode import _merge_splits
+
+
+def make_case(seed, *, batch=2, num_kv_heads=2, group=4, per_query_head=False, head_dim=64,
+              page_size=16, num_entries=7, dtype=jnp.float32):
+    """Random q, pools and page lists (NumPy: eager jax.random ops would each cost a compile).
+
+    per_query_head=False: H = Hkv lists of G = group rows; True: H = Hq lists of one row.
+    List (batch - 1, 0) is all padding. Returns (q, k_pages, v_pages, pages, lo, hi).
+    """
+    rng = np.random.default_rng(seed)
+    num_lists = num_kv_heads * (group if per_query_head else 1)
+    rows = 1 if per_query_head else group
+    num_pages = 1 + batch * num_lists * num_entries
+    q = rng.standard_normal((batch, num_lists, rows, head_dim), np.float32)
+    pools = rng.standard_normal((2, num_kv_heads, num_pages, page_size, head_dim), np.float32)
+    pools[:, :, 0] *= 100.0  # the null page: would be visible in the output if it leaked in
+    free = iter(rng.permutation(np.arange(1, num_pages)))
+    pages, lo, hi = (np.zeros((batch, num_lists, num_entries), np.int32) for _ in range(3))
+    for b in range(batch):
+        for h in range(num_lists):
+            entries = []
+            if (b, h) != (batch - 1, 0):
+                length = int(rng.integers(1, (num_entries - 2) * page_size + 1))
+                for start in range(0, length, page_size):  # dense-style, ragged last page
+                    entries.append((next(free), 0, min(page_size, length - start)))
+                if rng.random() < 0.7:  # ring-style: oldest page's suffix, newest's prefix
+                    entries.append((next(free), int(rng.integers(0, page_size)), page_size))
+                    entries.append((next(free), 0, int(rng.integers(1, page_size + 1))))
+                entries = [entries[i] for i in rng.permutation(len(entries))]
+            # Padding: empty (lo == hi) and reversed (hi < lo) entries on the null page.
+            entries += [(0, 0, 0) if i % 2 else (0, page_size, 3)
+                        for i in range(num_entries - len(entries))]
+            pages[b, h], lo[b, h], hi[b, h] = np.array(entries, np.int32).T
+    return (jnp.asarray(q.astype(dtype)), jnp.asarray(pools[0].astype(dtype)),
+            jnp.asarray(pools[1].astype(dtype)), jnp.asarray(pages), jnp.asarray(lo),
+            jnp.asarray(hi))
+
+
+def brute_force(q, k_pages, v_pages, pages, lo, hi, sm_scale=None):
+    """Explicit list of visible (page, offset) keys per list, plain softmax in float64."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    pages, lo, hi = (np.asarray(x) for x in (pages, lo, hi))
+    batch, num_lists, rows, d = q.shape
+    group = num_lists // k_pages.shape[0]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        for h in range(num_lists):
+            keys = [(p, o) for p, a, z in zip(pages[b, h], lo[b, h], hi[b, h])
+                    for o in range(a, z)]
+            if not keys:
+                continue
+            k = np.stack([k_pages[h // group, p, o] for p, o in keys])  # [N, D]
+            v = np.stack([v_pages[h // group, p, o] for p, o in keys])
+            s = q[b, h] @ k.T * sm_scale  # [G, N]
+            w = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (w / w.sum(-1, keepdims=True)) @ v
+    return out
+
+
+reference = jax.jit(paged_decode_attention_reference, static_argnames=("sm_scale",))
+
+
+# --- the XLA reference against brute force -------------------------------------------------------
+
+@pytest.mark.parametrize("group,per_query_head,page_size,head_dim", [
+    (1, False, 4, 8), (3, False, 8, 16), (4, True, 16, 8), (2, True, 5, 12),
+])
+def test_reference_matches_brute_force(group, per_query_head, page_size, head_dim):
+    case = make_case(10 + group, batch=3, num_kv_heads=2, group=group,
+                     per_query_head=per_query_head, head_dim=head_dim, page_size=page_size,
+                     num_entries=6)
+    out = reference(*case)
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(out, brute_force(*case), jnp.float32)
+    assert_close(reference(*case, sm_scale=0.3), brute_force(*case, sm_scale=0.3), jnp.float32)
+
+
+def test_hi_past_page_end_is_the_page_end():
+    """A full-page entry written as [0, S + 5) reads the same keys as [0, S)."""
+    q, k, v, pages, lo, hi = make_case(11, page_size=8, head_dim=16)
+    out = paged_decode_attention(q, k, v, pages, lo, jnp.where(hi == 8, 13, hi), impl="xla")
+    assert_close(out, reference(q, k, v, pages, lo, hi), jnp.float32)
+
+
+# --- split merge and split counts ----------------------------------------------------------------
+
+def test_merge_splits_by_hand():
+    """Row 0: logits (log2 units) 1, 2 in split 0, none in split 1, 3 in split 2; row 1: none."""
+    v1, v2, v3 = np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([2.0, 2.0])
+    o = np.zeros((3, 2, 2), np.float32)  # [splits, rows, D]
+    m = np.full((3, 2), -np.inf, np.float32)
+    l = np.zeros((3, 2), np.float32)
+    o[0, 0], m[0, 0], l[0, 0] = 0.5 * v1 + v2, 2.0, 1.5  # 2**(1-2) v1 + 2**(2-2) v2
+    o[2, 0], m[2, 0], l[2, 0] = v3, 3.0, 1.0
+    out = np.asarray(_merge_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l)))
+    expected = (2 * v1 + 4 * v2 + 8 * v3) / 14
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out[1], 0.0)
+
+
+@pytest.mark.parametrize("batch,num_lists,num_entries,expected", [
+    (1, 1, 100, 100),  # one list: one entry per split, 100 programs
+    (1, 8, 64, 32),  # 33 asked for, 2 entries per split -> 32
+    (4, 8, 64, 8),  # 9 asked for, 8 entries per split -> 8
+    (1, 2, 5, 5),
+    (32, 9, 1000, 1),  # 288 programs already fill 132 SMs
+    (2, 3, 1, 1),
+])
+def test_default_num_splits(batch, num_lists, num_entries, expected):
+    assert default_num_splits(batch, num_lists, num_entries) == expected
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+class TestKernel:
+    """Kernel (interpret mode) vs the jnp reference on shuffled, ragged, ring-style page lists."""
+
+    interpret = True
+    batch = 2
+    num_entries = 7
+
+    def run(self, *case, **kwargs):
+        return paged_decode_attention(*case, impl="pallas", interpret=self.interpret, **kwargs)
+
+    def check(self, case, dtype, **kwargs):
+        out = self.run(*case, **kwargs)
+        q = case[0]
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert np.isfinite(np.asarray(out, np.float32)).all(), "non-finite output"
+        assert_close(out, reference(*case, sm_scale=kwargs.get("sm_scale")), dtype)
+        # The all-padding list of make_case comes back exactly zero.
+        np.testing.assert_array_equal(np.asarray(out[self.batch - 1, 0], np.float32), 0.0)
+        return out
+
+    @pytest.mark.parametrize("group,per_query_head,head_dim,page_size,num_splits,dtype", [
+        (1, False, 64, 16, 1, jnp.float32),
+        (3, False, 96, 16, 2, jnp.float32),
+        (4, False, 128, 16, 3, jnp.float32),  # 3 splits of K = 7: 3 + 3 + 1 entries
+        (8, True, 64, 16, 2, jnp.float32),
+        (4, True, 128, 64, 3, jnp.bfloat16),
+        (3, True, 96, 64, 3, jnp.bfloat16),
+        (8, False, 64, 64, None, jnp.bfloat16),
+        (4, False, 64, 16, 2, jnp.float16),
+    ])
+    def test_matches_reference(self, group, per_query_head, head_dim, page_size, num_splits,
+                               dtype):
+        case = make_case(20 + group, batch=self.batch, group=group, per_query_head=per_query_head,
+                         head_dim=head_dim, page_size=page_size, num_entries=self.num_entries,
+                         dtype=dtype)
+        self.check(case, dtype, num_splits=num_splits)
+
+    def test_more_splits_than_entries_and_custom_scale(self):
+        """num_splits > K is cut to one entry per split; sm_scale reaches the kernel."""
+        case = make_case(30, batch=self.batch, group=2, num_entries=self.num_entries)
+        self.check(case, jnp.float32, num_splits=16, sm_scale=0.2)
+
+
+@pytest.mark.gpu
+class TestKernelGpu(TestKernel):
+    """The same checks natively on the GPU, plus a long bf16 list with the default splits."""
+
+    interpret = False
+
+    @pytest.mark.parametrize("head_dim,per_query_head", [(64, False), (128, False), (128, True)])
+    def test_long_list_bf16(self, head_dim, per_query_head):
+        case = make_case(40, batch=self.batch, num_kv_heads=4, group=4,
+                         per_query_head=per_query_head, head_dim=head_dim, page_size=64,
+                         num_entries=64, dtype=jnp.bfloat16)
+        self.check(case, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,head_dim,rows,num_splits", [
+    (jnp.bfloat16, 128, 4, None), (jnp.float16, 64, 1, 3), (jnp.float32, 96, 8, 2),
+])
+def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
+    """The Triton lowering runs without a GPU: catches unsupported ops and types on CPU."""
+    q = jax.ShapeDtypeStruct((2, 8, rows, head_dim), dtype)
+    pool = jax.ShapeDtypeStruct((4, 100, 64, head_dim), dtype)
+    ints = jax.ShapeDtypeStruct((2, 8, 7), jnp.int32)
+    traced = paged_decode_attention.trace(q, pool, pool, ints, ints, ints, num_splits=num_splits)
+    assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+# --- argument checking ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,match", [
+    (dict(impl="cuda"), "impl"),
+    (dict(q=jnp.zeros((2, 3, 4, 16))), "multiple of"),
+    (dict(q=jnp.zeros((2, 4, 16))), r"\[B, H, G, D\]"),
+    (dict(v_pages=jnp.zeros((2, 5, 16, 8))), "k_pages and v_pages"),
+    (dict(k_pages=jnp.zeros((2, 5, 16, 8)), v_pages=jnp.zeros((2, 5, 16, 8))), "head_dim"),
+    (dict(q=jnp.zeros((2, 4, 4, 16), jnp.bfloat16)), "share one of"),
+    (dict(q=jnp.zeros((2, 4, 4, 16), jnp.int32)), "share one of"),
+    (dict(pages=jnp.zeros((2, 4, 5), jnp.int32)), "equal pages.shape"),
+    (dict(lo=jnp.zeros((2, 4, 2), jnp.int32)), "lo.shape"),
+    (dict(hi=jnp.zeros((1, 4, 3), jnp.int32)), "hi.shape"),
+    (dict(pages=jnp.zeros((2, 4, 3), jnp.int16)), "int32"),
+    (dict(lo=jnp.zeros((2, 4, 3), jnp.float32)), "int32"),
+    (dict(k_pages=jnp.zeros((2, 5, 24, 16)), v_pages=jnp.zeros((2, 5, 24, 16))), "power of two"),
+    (dict(k_pages=jnp.zeros((2, 5, 8, 16)), v_pages=jnp.zeros((2, 5, 8, 16))), "power of two"),
+    (dict(num_splits=0), "num_splits"),
+])
+def test_bad_arguments(change, match):
+    ints = jnp.zeros((2, 4, 3), jnp.int32)
+    args = dict(q=jnp.zeros((2, 4, 4, 16)), k_pages=jnp.zeros((2, 5, 16, 16)),
+                v_pages=jnp.zeros((2, 5, 16, 16)), pages=ints, lo=ints, hi=ints, interpret=True)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**args)
+
+
+def test_xla_impl_accepts_any_page_size():
+    """Only the Pallas kernel needs power-of-two pages; the CPU path takes e.g. S = 8 or 24."""
+    q, k, v, pages, lo, hi = make_case(12, page_size=24, head_dim=16)
+    out = paged_decode_attention(q, k, v, pages, lo, hi, impl="xla")
+    assert_close(out, brute_force(q, k, v, pages, lo, hi), jnp.float32)
