@@ -14,8 +14,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_prefill.py \
-  2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_llama_parity.py \
-  tests/test_decode.py tests/test_kv_cache.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -5
-timeout ${BENCH_TIMEOUT:-420} python3 benchmarks/prefill_attention.py \
-  --out "$OUT/prefill_attention_h100.jsonl" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+  tests/test_paged_decode.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_llama_parity.py \
+  tests/test_decode.py tests/test_kv_cache.py tests/test_lserve_decode.py \
+  2>&1 | tee -a "$OUT/gpu_tests.log" | tail -5
+# Which benchmarks: BENCHES="prefill_attention decode_attention decode_e2e" (the default).
+for bench in ${BENCHES:-prefill_attention decode_attention decode_e2e}; do
+  timeout ${BENCH_TIMEOUT:-420} python3 benchmarks/$bench.py \
+    --out "$OUT/${bench}_h100.jsonl" "$@" 2>&1 | tee "$OUT/$bench.log" | tail -40
+done

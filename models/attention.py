@@ -192,6 +192,8 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
     dense, stream = _head_split(cache, layer, config)
     g = hq // (len(dense) + len(stream))
     stored = cache.selected[layer][slots]  # [B, Hsel, K]
+    if not dense:  # every head of this layer streams: nothing to select
+        return stored
     k = stored.shape[2]
     num_pages = (lengths + cache.page_size - 1) // cache.page_size
 

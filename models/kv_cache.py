@@ -180,8 +180,9 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     pool = lambda h, p: jnp.zeros((h, p, s, d), dtype)  # noqa: E731
     stats = spec.logical_page_size is not None
     per_page = s // (spec.logical_page_size or 1)
-    # Statistics are kept in f32 from the unquantized keys (DESIGN §1.6).
-    stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, jnp.float32)  # noqa: E731
+    # Statistics are kept in the pool's dtype (16-bit for bf16/f16 models, DESIGN §1.6): the max
+    # and min of stored keys are exact in it, and a selection step reads half the bytes of f32.
+    stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, dtype)  # noqa: E731
     if spec.has_streaming:
         n = spec.streaming_layout.num_pages
         stream_pages = 1 + spec.max_seqs * n

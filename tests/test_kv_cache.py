@@ -107,6 +107,60 @@ def test_random_reserve_release_never_double_books(sequence):
         assert np.asarray(cache.num_reserved).tolist() == [model[s] for s in range(4)]
 
 
+@jax.jit
+def _append(cache, pool, slot, start, values):
+    """Write values [T] as tokens start.. of `slot` (head 0, channel 0) into `pool`."""
+    t = values.shape[0]
+    positions = (start + jnp.arange(t))[None]
+    pages, offsets = kv_cache.token_pages(cache, slot[None], positions, jnp.ones((1, t), bool))
+    x = jnp.broadcast_to(values[None, :, None, None], (1, t, 2, 4)).astype(pool.dtype)
+    return kv_cache.write_layer(pool, pages, offsets, x)
+
+
+appends = st.lists(st.tuples(st.sampled_from(["append", "append", "release"]),
+                             st.integers(0, 2), st.integers(1, 9)), min_size=1, max_size=20)
+
+
+@settings(max_examples=25, deadline=None)
+@given(appends)
+def test_random_append_release_keeps_every_sequence_intact(sequence):
+    """Sequences grow token by token (allocate on demand), are freed and their pages reused;
+    after every operation each live sequence reads back exactly its own tokens, and a capacity
+    error leaves the pool, the tables and every sequence as they were."""
+    spec = _spec(num_pages=8, page_size=4, max_seqs=3, max_pages_per_seq=4)
+    cache = kv_cache.init_cache(spec)
+    pool = cache.k[0]
+    history = {s: [] for s in range(3)}
+    stamp = 1.0
+    for op, slot, n in sequence:
+        if op == "append":
+            new_len = len(history[slot]) + n
+            grown, ok = reserve(cache, slot, new_len)
+            pages_needed = sum(-(-len(h) // 4) for h in history.values()) - \
+                -(-len(history[slot]) // 4) + -(-new_len // 4)
+            assert bool(ok) == (new_len <= 16 and pages_needed <= 7)
+            if not ok:
+                for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(grown)):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+                continue
+            cache = grown
+            values = stamp + np.arange(n, dtype=np.float32)
+            stamp += n
+            pool = _append(cache, pool, jnp.int32(slot), jnp.int32(len(history[slot])),
+                           jnp.asarray(values))
+            history[slot] += values.tolist()
+        else:
+            cache = release(cache, slot)
+            history[slot] = []
+        table = np.asarray(cache.page_table)
+        owned = [p for s in range(3) for p in table[s, :-(-len(history[s]) // 4)].tolist()]
+        assert len(owned) == len(set(owned)) and NULL_PAGE not in owned
+        assert sorted(owned + np.nonzero(np.asarray(cache.free))[0].tolist()) == list(range(1, 8))
+        got = np.asarray(gather_pages(pool, cache.page_table))[:, 0, :, 0]  # [3, 16]
+        for s in range(3):
+            np.testing.assert_array_equal(got[s, :len(history[s])], history[s])
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="null page"):
         _spec(num_pages=1)

@@ -141,19 +141,25 @@ def test_decode_step_matches_brute_force(per_query_head, impl):
 
 # ---- the model end to end --------------------------------------------------------------------
 
-@pytest.mark.parametrize("page_selection", ["kv_head", "query_head"])
-def test_covering_budget_and_windows_equal_dense(params, page_selection):
+@pytest.mark.parametrize("page_selection, streaming_heads", [
+    ("kv_head", MIXED), ("query_head", MIXED),
+    ("kv_head", ((True, True), (False, False))),  # a layer with no dense head, one with no streaming
+])
+def test_covering_budget_and_windows_equal_dense(params, page_selection, streaming_heads):
     """LServe with a token budget and decode windows covering the whole sequence generates the
     dense tokens, token for token (greedy, f32), on a ragged batch with mixed head kinds."""
     prompts = _prompts(0, (30, 17, 5))
     dense, _ = _generate(params, AttentionConfig(), prompts, 20)
-    attention = AttentionConfig(mode="lserve", streaming_heads=MIXED, ctx_local_tokens=64,
+    attention = AttentionConfig(mode="lserve", streaming_heads=streaming_heads,
+                                ctx_local_tokens=64,
                                 dec_sink_tokens=4, dec_local_tokens=64, token_budget=64,
                                 selector_interval=3, page_selection=page_selection)
     lserve, state = _generate(params, attention, prompts, 20)
     np.testing.assert_array_equal(lserve, dense)
-    # The streaming pool holds constant pages per sequence; the dense pool one head per layer.
-    assert state.cache.sk[0].shape[0] == 1 and state.cache.k[0].shape[0] == 1
+    # Each pool holds its kind of head only.
+    for layer, flags in enumerate(streaming_heads):
+        assert state.cache.sk[layer].shape[0] == sum(flags)
+        assert state.cache.k[layer].shape[0] == len(flags) - sum(flags)
 
 
 def test_small_budget_logits_match_decode_reference(params):
