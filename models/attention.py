@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import page_selector, streaming_pool
+from models import kv_cache
 from models.kv_cache import KVCache
 from pallas_kernels import paged_decode_attention, sparse_prefill_attention
 
@@ -118,11 +119,11 @@ def _head_split(cache: KVCache, layer: int, config: AttentionConfig
     num_dense = cache.k[layer].shape[0]
     num_kv_heads = num_dense + (cache.sk[layer].shape[0] if cache.sk else 0)
     flags = config.layer_streaming(layer, num_kv_heads)
-    dense = [h for h, s in enumerate(flags) if not s]
+    dense, stream = kv_cache.split_heads(flags)
     if len(dense) != num_dense:
         raise ValueError(f"layer {layer}: the cache holds {num_dense} dense heads, the attention "
                          f"config has {len(dense)}")
-    return dense, [h for h, s in enumerate(flags) if s]
+    return dense, stream
 
 
 def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,

@@ -301,6 +301,12 @@ def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets
     return kmax, kmin
 
 
+def split_heads(streaming_heads: tuple[bool, ...]) -> tuple[list[int], list[int]]:
+    """A layer's KV-head ids by pool: (dense heads, streaming heads), each ascending."""
+    return ([h for h, s in enumerate(streaming_heads) if not s],
+            [h for h, s in enumerate(streaming_heads) if s])
+
+
 def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Array,
                  valid: jax.Array, lengths: jax.Array, k: jax.Array, v: jax.Array, *,
                  streaming_heads: tuple[bool, ...], layout: StreamingLayout | None) -> KVCache:
@@ -312,8 +318,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
     Streaming heads only write the tokens that survive in their pages (`streaming_pool.survives`),
     so a long prefill never writes one ring slot twice.
     """
-    dense = [h for h, s in enumerate(streaming_heads) if not s]
-    stream = [h for h, s in enumerate(streaming_heads) if s]
+    dense, stream = split_heads(streaming_heads)
     if len(dense) != cache.k[layer].shape[0]:
         raise ValueError(f"layer {layer}: the cache holds {cache.k[layer].shape[0]} dense heads, "
                          f"the attention config has {len(dense)}")
