@@ -238,3 +238,14 @@ def resolve_checkpoint(ckpt: str | Path | None, *, cache_dir: str | Path | None 
             return out
         raise
     return out
+
+
+def load_text_model(ckpt: str | Path | None, *, dtype: str,
+                    purpose: str) -> tuple[Path, LlamaConfig, dict, Tokenizer]:
+    """resolve_checkpoint + load_checkpoint for tools that build text prompts (calibration,
+    evaluation). Raises ValueError, naming `purpose`, when the checkpoint has no tokenizer."""
+    path = resolve_checkpoint(ckpt, dtype=dtype)
+    config, params, tokenizer = load_checkpoint(path, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{purpose} builds text prompts: the checkpoint needs a tokenizer")
+    return path, config, params, tokenizer

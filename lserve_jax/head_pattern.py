@@ -15,6 +15,18 @@ from pathlib import Path
 import numpy as np
 
 
+SHIPPED_DIR = Path(__file__).parent / "attn_patterns"
+EMBEDDED_PATTERN = SHIPPED_DIR / "smollm2-135m-instruct" / "full_attention_heads.tsv"
+
+
+def default_pattern(ckpt: str | None) -> str | None:
+    """The shipped pattern for a checkpoint, if there is one: the calibrated SmolLM2-135M-Instruct
+    pattern for the embedded default model (ckpt None); None for any other checkpoint."""
+    if ckpt is None and EMBEDDED_PATTERN.is_file():
+        return str(EMBEDDED_PATTERN)
+    return None
+
+
 def load_head_pattern(path: str | Path) -> np.ndarray:
     """Read a DuoAttention `full_attention_heads.tsv` -> gates float64 [num_layers, num_kv_heads].
 

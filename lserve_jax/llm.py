@@ -73,7 +73,9 @@ class LLM:
     converted on first use into a cache), or None for the embedded SmolLM2-135M-Instruct.
     attention: "dense" or "lserve". dtype: "float32", "bfloat16" or "float16".
     impl: "pallas" or "xla" (default: pallas on GPU). Remaining keyword arguments are LServe's
-    sparsity knobs (see `SparsityConfig`).
+    sparsity knobs (see `SparsityConfig`). With attention="lserve" and no `head_pattern`, the
+    embedded model uses its shipped calibrated pattern (lserve_jax/attn_patterns/); other
+    checkpoints then treat every head as dense.
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -91,6 +93,7 @@ class LLM:
         self.impl = impl or default_impl()
         from lserve_jax import checkpoint  # orbax is slow to import; only LLM needs it
 
+        self._ckpt = ckpt
         path = checkpoint.resolve_checkpoint(ckpt, dtype=dtype)
         self.config, self.params, self.tokenizer = checkpoint.load_checkpoint(path, dtype=dtype)
         self.checkpoint_path = path
@@ -106,14 +109,15 @@ class LLM:
             return AttentionConfig(mode="dense", impl=self.impl)
         s = self.sparsity
         streaming = None
-        if s.head_pattern is None:
+        pattern = s.head_pattern or head_pattern.default_pattern(self._ckpt)
+        if pattern is None:
             log.warning("attention='lserve' without a head_pattern: every head is a dense head "
                         "(page selection only)")
         else:
             streaming = head_pattern.streaming_heads_for_model(
-                s.head_pattern, s.static_sparsity, self.config.num_layers,
-                self.config.num_kv_heads)
-            log.info("head pattern %s: %s", s.head_pattern, head_pattern.describe(streaming))
+                pattern, s.static_sparsity, self.config.num_layers, self.config.num_kv_heads)
+            log.info("head pattern %s: %s", pattern, head_pattern.describe(streaming))
+        self.head_pattern = pattern
         return AttentionConfig(
             mode="lserve", impl=self.impl, ctx_sink_tokens=s.ctx_sink_tokens,
             ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming,

@@ -26,7 +26,8 @@ class SparsityConfig:
     page_selection       "kv_head": one page list per KV head (the GQA group's query heads
                          combined, each page loaded once per group); "query_head": one per
                          query head, as in LServe
-    head_pattern         DuoAttention `full_attention_heads.tsv` (None: every head dense)
+    head_pattern         DuoAttention `full_attention_heads.tsv` (None: the shipped pattern
+                         of the embedded model, every head dense for other checkpoints)
     """
 
     page_size: int = 64

@@ -182,6 +182,28 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     return cache, _logits(params, config, x[:, 0])
 
 
+def hidden_states(params: dict, tokens: jax.Array, *, config: LlamaConfig, attend,
+                  remat: bool = False) -> jax.Array:
+    """Final hidden states (after the final norm) of a causal forward without a cache.
+
+    tokens [B, T] -> [B, T, E]. `attend(layer, q, k, v) -> out [B, T, Hq, D]` is the attention
+    of each layer (q, k with RoPE applied). Calibration (lserve_jax/calibrate.py) passes gated
+    attention here; `remat` recomputes each layer in the backward pass instead of storing it.
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_cos_sin(config, positions)
+    x = params["embed"][tokens]
+    for i, layer in enumerate(params["layers"]):
+        def run(layer, x, i=i):
+            _, x = _layer(layer, config, None, x, cos, sin,
+                          lambda cache, q, k, v: (cache, attend(i, q, k, v)))
+            return x
+
+        x = (jax.checkpoint(run) if remat else run)(layer, x)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "attention"))
 def forward(params: dict, tokens: jax.Array, *, config: LlamaConfig,
             attention: AttentionConfig = AttentionConfig()) -> jax.Array:

@@ -1,10 +1,8 @@
 """Python API and CLI: behaviour on a tiny converted checkpoint, and every error path."""
 
 import pytest
-import torch
-import transformers
 
-import convert
+from conftest import convert_tiny_llama
 from lserve_jax import LLM, SamplingParams
 from lserve_jax.generate import main
 
@@ -12,14 +10,7 @@ from lserve_jax.generate import main
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny random Llama converted from an HF directory without tokenizer files."""
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-        bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    src = tmp_path_factory.mktemp("hf") / "tiny"
-    transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True)
-    return convert.convert(src, tmp_path_factory.mktemp("conv") / "tiny", progress=False)
+    return convert_tiny_llama(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +93,8 @@ def test_cli_needs_a_prompt_and_valid_choices(capsys):
 def test_cli_without_tokenizer_is_a_clear_error(ckpt, capsys):
     assert main(["--ckpt", str(ckpt), "--prompt", "hello"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_lserve_without_pattern_on_other_checkpoints_keeps_every_head_dense(ckpt):
+    llm = LLM(str(ckpt), attention="lserve", token_budget=64)
+    assert llm.head_pattern is None and not llm.attention.has_streaming

@@ -62,3 +62,15 @@ def test_cli_lserve_small_budget_retrieves_passkey(tmp_path):
     result = json.loads(proc.stdout)
     assert len(result["prompt_token_ids"]) > 800
     assert "51923" in result["text"]
+
+
+def test_embedded_model_uses_the_shipped_pattern():
+    """attention="lserve" without a head_pattern: the embedded model takes its calibrated pattern
+    (half of its 90 KV heads streaming at the default static_sparsity 0.5)."""
+    from lserve_jax.head_pattern import EMBEDDED_PATTERN, load_head_pattern
+
+    llm = LLM(attention="lserve")
+    assert llm.head_pattern == str(EMBEDDED_PATTERN)
+    assert load_head_pattern(EMBEDDED_PATTERN).shape == (30, 3)
+    assert sum(map(sum, llm.attention.streaming_heads)) == 45
+    assert LLM(attention="lserve", static_sparsity=0.0).attention.has_streaming is False

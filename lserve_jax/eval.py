@@ -1,0 +1,508 @@
+"""Does LServe keep dense accuracy? `python -m lserve_jax.eval [--ckpt PATH] --out DIR`.
+
+Two measurements, each over a list of attention settings (dense first, the reference):
+
+* Passkey retrieval: plain-completion prompts of each length with the needle at each depth;
+  a cell is a hit when the greedy answer's first number is the key. Saved as `passkey.json` and
+  one heatmap panel per setting in `passkey.png`.
+* Teacher-forced decode on held-out book text: the first L − N tokens are prefilled, the next N
+  are fed one decode step at a time; at each step the setting's top-1 prediction is compared with
+  dense attention's (agreement) and the true next token's log-probability is kept (perplexity).
+  Saved as `agreement.json` and `agreement.png`.
+
+Settings: dense; the head pattern at `static_sparsity` 0.5 with each `--budgets` token budget;
+the budget 1024 with each `--sparsities`; a `--baseline` pattern at the same sparsities; and
+scaled prefill windows (`--windows`, `ctx_local_tokens`) that make streaming heads matter in
+prefill too. Every setting runs the real LServe decode (selected pages for dense heads, sink +
+ring for streaming heads). A setting whose prefill Λ window covers the whole prompt has the same
+prefill as dense attention, so its cache is built from the dense prefill's keys and values
+(`cache_from_dense`) instead of prefilling again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lserve_jax import corpus, head_pattern
+from lserve_jax.sparsity import SparsityConfig
+from models import kv_cache, llama
+from models.attention import AttentionConfig
+from models.config import LlamaConfig
+
+log = logging.getLogger("lserve_jax")
+CHUNK = 8  # decode steps per compiled call
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def top1_agreement(predictions, reference) -> float:
+    """Share of positions where two top-1 predictions are the same token."""
+    predictions, reference = np.asarray(predictions), np.asarray(reference)
+    if predictions.shape != reference.shape or predictions.size == 0:
+        raise ValueError(f"predictions {predictions.shape} and reference {reference.shape} "
+                         "must have one equal, non-empty shape")
+    return float((predictions == reference).mean())
+
+
+def perplexity(nll) -> float:
+    """exp(mean negative log-likelihood) of the true tokens."""
+    nll = np.asarray(nll, np.float64)
+    if nll.size == 0:
+        raise ValueError("perplexity of no tokens")
+    return float(np.exp(nll.mean()))
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One attention configuration under evaluation."""
+
+    name: str
+    attention: AttentionConfig
+    pattern: str | None = None  # "calibrated", "baseline", or None (dense)
+    static_sparsity: float = 0.0
+    token_budget: int | None = None
+    ctx_local_tokens: int | None = None
+
+    def row(self) -> dict:
+        return {"setting": self.name, "pattern": self.pattern,
+                "static_sparsity": self.static_sparsity, "token_budget": self.token_budget,
+                "ctx_local_tokens": self.ctx_local_tokens}
+
+
+def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
+                   budgets: list[int], sparsities: list[float], windows: list[int],
+                   main_budget: int = 1024, main_sparsity: float = 0.5, impl: str = "xla",
+                   page_size: int = 64, ctx_sink_tokens: int = 128,
+                   dec_sink_tokens: int = 128, dec_local_tokens: int = 256,
+                   selector_interval: int = 4) -> list[Setting]:
+    """dense; the pattern at `main_sparsity` × each budget; `main_budget` × each sparsity;
+    the baseline pattern at each non-zero sparsity with `main_budget`; each prefill window at
+    `main_sparsity`/`main_budget`. Duplicates are dropped, order kept."""
+    patterns = {"calibrated": pattern, "baseline": baseline}
+
+    def lserve(which, sparsity, budget, window=None):
+        streaming = head_pattern.streaming_heads_for_model(
+            patterns[which], sparsity, config.num_layers, config.num_kv_heads)
+        att = AttentionConfig(
+            mode="lserve", impl=impl, ctx_sink_tokens=ctx_sink_tokens,
+            ctx_local_tokens=window or SparsityConfig().ctx_local_tokens,
+            streaming_heads=streaming, dec_sink_tokens=dec_sink_tokens,
+            dec_local_tokens=dec_local_tokens, token_budget=budget,
+            selector_interval=selector_interval)
+        name = f"{which} s={sparsity:g} budget={budget}" + (f" window={window}" if window else "")
+        return Setting(name, att, which, sparsity, budget, window)
+
+    settings = [Setting("dense", AttentionConfig(mode="dense", impl=impl))]
+    settings += [lserve("calibrated", main_sparsity, b) for b in budgets]
+    settings += [lserve("calibrated", s, main_budget) for s in sparsities]
+    if baseline is not None:
+        settings += [lserve("baseline", s, main_budget) for s in sparsities if s > 0]
+    settings += [lserve("calibrated", main_sparsity, main_budget, w) for w in windows]
+    seen, unique = set(), []
+    for s in settings:
+        if s.name not in seen:
+            seen.add(s.name)
+            unique.append(s)
+    for s in unique:
+        if s.token_budget is not None:
+            s.attention.budget_pages(page_size)  # validates the budget against the page size
+    return unique
+
+
+# ---- running a setting -----------------------------------------------------------------------
+
+class Runner:
+    """Prefill and decode one sequence (slot 0) under any setting, with caches sized for
+    `max_tokens` so the decode executables are shared by every prompt length."""
+
+    def __init__(self, config: LlamaConfig, params: dict, *, max_tokens: int, page_size: int = 64,
+                 logical_page_size: int = 16):
+        self.config, self.params = config, params
+        self.page_size, self.logical_page_size = page_size, logical_page_size
+        self.pages_per_seq = -(-max_tokens // page_size)
+        self.dtype = jnp.dtype(params["embed"].dtype).name
+
+    def empty_cache(self, attention: AttentionConfig, num_tokens: int) -> kv_cache.KVCache:
+        spec = llama.cache_spec(self.config, attention, num_pages=self.pages_per_seq + 1,
+                                page_size=self.page_size, max_seqs=1,
+                                max_pages_per_seq=self.pages_per_seq, dtype=self.dtype,
+                                logical_page_size=self.logical_page_size)
+        cache, ok = kv_cache.reserve(kv_cache.init_cache(spec), jnp.int32(0),
+                                     jnp.int32(num_tokens))
+        if not bool(ok):
+            raise ValueError(f"{num_tokens} tokens exceed the cache ({self.pages_per_seq} pages)")
+        return cache
+
+    def prefill(self, attention: AttentionConfig, ids: list[int], total_tokens: int):
+        """-> (cache holding `ids`, logits [V] of the last prompt token)."""
+        step = 512 if len(ids) > 512 else 64  # few prefill compiles, little padding
+        t = -(-len(ids) // step) * step
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :len(ids)] = ids
+        cache = self.empty_cache(attention, total_tokens)
+        cache, logits = _prefill(self.params, cache, jnp.asarray(tokens),
+                                 jnp.asarray([len(ids)], jnp.int32), config=self.config,
+                                 attention=attention)
+        return cache, logits[0]
+
+    def decode(self, attention: AttentionConfig, cache, inputs, targets, force):
+        """Run len(inputs) decode steps from `cache`, in chunks of CHUNK.
+
+        inputs, targets: int lists; force: bools. Step i feeds inputs[i] when force[i], else the
+        previous step's top-1. Returns (cache, top1 [n], logp of targets [n]).
+        """
+        n = len(inputs)
+        pad = -n % CHUNK
+        inputs = np.asarray(list(inputs) + [0] * pad, np.int32)
+        targets = np.asarray(list(targets) + [0] * pad, np.int32)
+        force = np.asarray(list(force) + [True] * pad, bool)
+        top1, logp = [], []
+        prev = jnp.zeros((1,), jnp.int32)
+        for c in range(0, len(inputs), CHUNK):
+            sl = slice(c, c + CHUNK)
+            cache, prev, a, lp = _decode_chunk(
+                self.params, cache, jnp.asarray(inputs[None, sl]), jnp.asarray(targets[None, sl]),
+                jnp.asarray(force[sl]), prev, config=self.config, attention=attention)
+            top1.append(np.asarray(a[0]))
+            logp.append(np.asarray(lp[0]))
+        return cache, np.concatenate(top1)[:n], np.concatenate(logp)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"))
+def _prefill(params, cache, tokens, lengths, *, config, attention):
+    return llama.prefill(params, cache, tokens, lengths, jnp.zeros((1,), jnp.int32),
+                         config=config, attention=attention)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"))
+def _decode_chunk(params, cache, inputs, targets, force, prev, *, config, attention):
+    """CHUNK decode steps for slot 0; see `Runner.decode`."""
+    slots = jnp.zeros((1,), jnp.int32)
+    active = jnp.ones((1,), bool)
+
+    def step(carry, xs):
+        cache, prev = carry
+        given, target, forced = xs
+        token = jnp.where(forced, given, prev)
+        cache, logits = llama.decode(params, cache, token, slots, active, config=config,
+                                     attention=attention)
+        top1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[:, None], axis=-1)
+        return (cache, top1), (top1, logp[:, 0])
+
+    (cache, prev), (top1, logp) = jax.lax.scan(step, (cache, prev),
+                                               (inputs.T, targets.T, force))
+    return cache, prev, top1.T, logp.T
+
+
+def cache_from_dense(dense: kv_cache.KVCache, empty: kv_cache.KVCache, length: int, *,
+                     config: LlamaConfig, attention: AttentionConfig) -> kv_cache.KVCache:
+    """The cache an LServe prefill of the same prompt would leave, from a dense prefill's cache.
+
+    Exact only when LServe's prefill attention equals dense attention, i.e. the Λ window covers
+    the prompt (`ctx_local_tokens >= length`); then every layer's keys and values are the same
+    and only their placement (dense pool + statistics, streaming sink/ring pages) differs.
+    `empty` is a fresh cache for `attention` with slot 0's pages reserved.
+    """
+    if attention.has_streaming and attention.ctx_local_tokens < length:
+        raise ValueError(f"ctx_local_tokens={attention.ctx_local_tokens} < prompt length {length}: "
+                         "LServe's prefill differs from dense; prefill it instead")
+    return _cache_from_dense(dense, empty, jnp.int32(length), config=config, attention=attention)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"))
+def _cache_from_dense(dense, cache, length, *, config, attention):
+    s = dense.page_size
+    t = dense.page_table.shape[1] * s
+    positions = jnp.arange(t, dtype=jnp.int32)[None]
+    valid = positions < length
+    pages = dense.page_table[0][positions[0] // s]
+    offsets = positions[0] % s
+    slots = jnp.zeros((1,), jnp.int32)
+    lengths = jnp.reshape(length, (1,))
+    layout = attention.streaming_layout(cache.page_size) if cache.sk else None
+    for i in range(config.num_layers):
+        k = dense.k[i][:, pages, offsets].transpose(1, 0, 2)[None]  # [1, T, Hkv, D]
+        v = dense.v[i][:, pages, offsets].transpose(1, 0, 2)[None]
+        cache = kv_cache.write_tokens(
+            cache, i, slots, positions, valid, lengths, k, v,
+            streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
+    return cache.replace(seq_lens=cache.seq_lens.at[0].set(length),
+                         decode_steps=cache.decode_steps.at[0].set(0),
+                         selected_num_pages=cache.selected_num_pages.at[0].set(-1))
+
+
+def _setting_cache(runner: Runner, setting: Setting, dense_cache, ids, total_tokens, logits):
+    """(cache, first-token logits) of `setting` after prefilling `ids`."""
+    att = setting.attention
+    if att.mode == "dense":
+        return dense_cache, logits
+    if att.has_streaming and att.ctx_local_tokens < len(ids):
+        return runner.prefill(att, ids, total_tokens)
+    empty = runner.empty_cache(att, total_tokens)
+    return cache_from_dense(dense_cache, empty, len(ids), config=runner.config,
+                            attention=att), logits
+
+
+# ---- the two measurements --------------------------------------------------------------------
+
+def passkey_grid(runner: Runner, tokenizer, settings: list[Setting], *, lengths: list[int],
+                 depths: list[float], new_tokens: int = 8, haystack: str = "filler",
+                 seed: int = 0, progress=None) -> list[dict]:
+    """One record per (setting, length, depth): the answer and whether it is the key."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for length in lengths:
+        for depth in depths:
+            key = str(int(rng.integers(10_000, 100_000)))
+            prompt = corpus.passkey_prompt(tokenizer, length=length, depth=depth, passkey=key,
+                                           haystack=haystack)
+            total = len(prompt.ids) + new_tokens
+            dense_cache, dense_logits = runner.prefill(settings[0].attention, prompt.ids, total)
+            for setting in settings:
+                cache, logits = _setting_cache(runner, setting, dense_cache, prompt.ids, total,
+                                               dense_logits)
+                first = int(jnp.argmax(logits))
+                inputs = [first] + [0] * (new_tokens - 2)
+                force = [True] + [False] * (new_tokens - 2)
+                _, top1, _ = runner.decode(setting.attention, cache, inputs, inputs, force)
+                answer = tokenizer.decode([first] + top1.tolist())
+                hit = corpus.passkey_found(answer, key)
+                records.append(dict(setting.row(), length=length, depth=depth, passkey=key,
+                                    answer=answer, hit=hit))
+                if progress:
+                    progress(f"passkey L={length} depth={depth:g} {setting.name}: "
+                             f"{'hit' if hit else 'miss'} {answer!r}")
+    return records
+
+
+def teacher_forced(runner: Runner, tokenizer, settings: list[Setting], *, lengths: list[int],
+                   num_tokens: int, books: tuple[str, ...] = corpus.EVAL_BOOKS,
+                   progress=None) -> list[dict]:
+    """One record per (setting, length, book): agreement with dense and perplexity over the
+    last `num_tokens` positions of an L-token window of the book."""
+    records = []
+    for length in lengths:
+        for book in books:
+            ids = corpus.book_ids(tokenizer, book)
+            if len(ids) < length + 1:
+                raise ValueError(f"book {book} has {len(ids)} tokens; {length + 1} needed")
+            prefix = ids[:length - num_tokens].tolist()
+            inputs = ids[length - num_tokens:length].tolist()
+            targets = ids[length - num_tokens + 1:length + 1].tolist()
+            dense_cache, dense_logits = runner.prefill(settings[0].attention, prefix, length)
+            reference = None
+            for setting in settings:
+                cache, _ = _setting_cache(runner, setting, dense_cache, prefix, length,
+                                          dense_logits)
+                _, top1, logp = runner.decode(setting.attention, cache, inputs, targets,
+                                              [True] * num_tokens)
+                if reference is None:
+                    reference = top1
+                rec = dict(setting.row(), length=length, book=book, tokens=num_tokens,
+                           agreement=top1_agreement(top1, reference),
+                           perplexity=perplexity(-logp),
+                           accuracy=float((top1 == np.asarray(targets)).mean()))
+                records.append(rec)
+                if progress:
+                    progress(f"forced L={length} {book} {setting.name}: agreement "
+                             f"{rec['agreement']:.4f} ppl {rec['perplexity']:.3f}")
+    return records
+
+
+# ---- summaries and plots ---------------------------------------------------------------------
+
+def summarize(passkey: list[dict], forced: list[dict]) -> list[dict]:
+    """Per setting: passkey hits, cells at or above dense, mean agreement and perplexity per
+    length."""
+    names = list(dict.fromkeys([r["setting"] for r in passkey + forced]))
+    dense_hits = {(r["length"], r["depth"]): r["hit"] for r in passkey if r["setting"] == "dense"}
+    rows = []
+    for name in names:
+        p = [r for r in passkey if r["setting"] == name]
+        f = [r for r in forced if r["setting"] == name]
+        row = {"setting": name, "passkey_hits": sum(r["hit"] for r in p), "passkey_cells": len(p),
+               "cells_ge_dense": sum(r["hit"] >= dense_hits[(r["length"], r["depth"])]
+                                     for r in p)}
+        for length in sorted({r["length"] for r in f}):
+            at = [r for r in f if r["length"] == length]
+            tokens = sum(r["tokens"] for r in at)
+            row[f"agreement@{length}"] = sum(r["agreement"] * r["tokens"] for r in at) / tokens
+            nll = sum(np.log(r["perplexity"]) * r["tokens"] for r in at) / tokens
+            row[f"ppl@{length}"] = float(np.exp(nll))
+        rows.append(row)
+    return rows
+
+
+def plot_passkey(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    names = list(dict.fromkeys(r["setting"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    cmap = ListedColormap(["#d9534f", "#5cb85c"])
+    for ax, name in zip(axes.flat, names):
+        grid = np.zeros((len(depths), len(lengths)))
+        for r in records:
+            if r["setting"] == name:
+                grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["hit"]
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n)
+                                            for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_title(f"{name}\n{int(grid.sum())}/{grid.size} hits", fontsize=8)
+        ax.set_xlabel("context", fontsize=7)
+        ax.set_ylabel("depth", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("passkey retrieval (green: hit)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_agreement(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in summary for k in r if k.startswith("agreement@")},
+                  key=lambda k: int(k.split("@")[1]))
+    if not keys:
+        return
+    names = [r["setting"] for r in summary if r["setting"] != "dense"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 3.6))
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        vals = [next(r[key] for r in summary if r["setting"] == n) for n in names]
+        ax.bar(np.arange(len(names)) + j * width, vals, width, label=key.split("@")[1] + " tokens")
+    ax.axhline(0.99, color="k", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names, rotation=35,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("top-1 agreement with dense")
+    ax.set_ylim(min(0.8, min(r[k] for r in summary for k in keys) - 0.02), 1.005)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lserve_jax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--pattern", help="head pattern TSV (default: the checkpoint's shipped one)")
+    p.add_argument("--baseline", help="a second pattern to compare (e.g. the profiling one)")
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192],
+                   help="passkey prompt lengths (capped at the model's context)")
+    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--budgets", type=_ints, default=[256, 512, 1024, 4096])
+    p.add_argument("--sparsities", type=_floats, default=[0.0, 0.25, 0.5, 0.75])
+    p.add_argument("--windows", type=_ints, default=[1024],
+                   help="scaled prefill ctx_local_tokens to evaluate")
+    p.add_argument("--main-budget", type=int, default=1024)
+    p.add_argument("--main-sparsity", type=float, default=0.5)
+    p.add_argument("--ppl-lengths", type=_ints, default=[2048, 4096, 8192])
+    p.add_argument("--ppl-tokens", type=int, default=128)
+    p.add_argument("--haystack", choices=corpus.HAYSTACKS, default="filler")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--impl", choices=("pallas", "xla"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-passkey", action="store_true")
+    p.add_argument("--skip-forced", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    from lserve_jax.checkpoint import load_text_model
+    from lserve_jax.llm import default_impl
+
+    try:
+        path, config, params, tokenizer = load_text_model(args.ckpt, dtype=args.dtype,
+                                                          purpose="the evaluation")
+        pattern = args.pattern or head_pattern.default_pattern(args.ckpt)
+        if pattern is None:
+            raise ValueError("no shipped head pattern for this checkpoint: pass --pattern")
+        context = config.max_position_embeddings
+        lengths = sorted({min(n, context - args.new_tokens) for n in args.lengths})
+        ppl_lengths = sorted({min(n, context - 1) for n in args.ppl_lengths})
+        if args.ppl_tokens < 1 or min(ppl_lengths, default=args.ppl_tokens + 1) <= args.ppl_tokens:
+            raise ValueError("--ppl-tokens must be >= 1 and below every --ppl-lengths")
+        settings = build_settings(
+            config, pattern=pattern, baseline=args.baseline, budgets=args.budgets,
+            sparsities=args.sparsities, windows=args.windows, main_budget=args.main_budget,
+            main_sparsity=args.main_sparsity, impl=args.impl or default_impl(),
+            page_size=args.page_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_tokens = max(lengths + [n + 1 for n in ppl_lengths]) + args.new_tokens
+    runner = Runner(config, params, max_tokens=max_tokens, page_size=args.page_size)
+    meta = {"checkpoint": str(path), "pattern": str(pattern), "baseline": args.baseline,
+            "settings": [s.row() | {"name": s.name} for s in settings],
+            "haystack": args.haystack, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "dtype": args.dtype, "page_size": args.page_size}
+    say = log.info
+    t0 = time.perf_counter()
+    passkey, forced = [], []
+    if not args.skip_passkey:
+        passkey = passkey_grid(runner, tokenizer, settings, lengths=lengths, depths=args.depths,
+                               new_tokens=args.new_tokens, haystack=args.haystack,
+                               seed=args.seed, progress=say)
+        (out / "passkey.json").write_text(json.dumps(dict(meta, records=passkey), indent=1))
+        plot_passkey(passkey, out / "passkey.png")
+    if not args.skip_forced:
+        forced = teacher_forced(runner, tokenizer, settings, lengths=ppl_lengths,
+                                num_tokens=args.ppl_tokens, progress=say)
+        (out / "agreement.json").write_text(json.dumps(dict(meta, records=forced), indent=1))
+    summary = summarize(passkey, forced)
+    plot_agreement(summary, out / "agreement.png")
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(dict(meta, summary=summary), indent=1))
+    for row in summary:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
