@@ -410,6 +410,16 @@ def plot_agreement(summary: list[dict], path: Path) -> None:
 
 # ---- command line ----------------------------------------------------------------------------
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -481,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": [s.row() | {"name": s.name} for s in settings],
             "haystack": args.haystack, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "dtype": args.dtype, "page_size": args.page_size}
+            "dtype": args.dtype, "page_size": args.page_size, "commit": _git_commit()}
     say = log.info
     t0 = time.perf_counter()
     passkey, forced = [], []
