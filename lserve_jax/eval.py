@@ -55,6 +55,17 @@ def top1_agreement(predictions, reference) -> float:
     return float((predictions == reference).mean())
 
 
+def confident_agreement(predictions, reference, reference_top1_logp,
+                        threshold: float = 0.5) -> tuple[float | None, int]:
+    """top1_agreement over the positions where the reference gave its top-1 token probability
+    >= threshold -> (agreement, number of such positions); agreement None when there are none."""
+    confident = np.exp(np.asarray(reference_top1_logp, np.float64)) >= threshold
+    if not confident.any():
+        return None, 0
+    p, r = np.asarray(predictions)[confident], np.asarray(reference)[confident]
+    return top1_agreement(p, r), int(confident.sum())
+
+
 def perplexity(nll) -> float:
     """exp(mean negative log-likelihood) of the true tokens."""
     nll = np.asarray(nll, np.float64)
@@ -162,23 +173,25 @@ class Runner:
         """Run len(inputs) decode steps from `cache`, in chunks of CHUNK.
 
         inputs, targets: int lists; force: bools. Step i feeds inputs[i] when force[i], else the
-        previous step's top-1. Returns (cache, top1 [n], logp of targets [n]).
+        previous step's top-1. Returns (cache, top1 [n], logp of targets [n], logp of top1 [n]).
         """
         n = len(inputs)
         pad = -n % CHUNK
         inputs = np.asarray(list(inputs) + [0] * pad, np.int32)
         targets = np.asarray(list(targets) + [0] * pad, np.int32)
         force = np.asarray(list(force) + [True] * pad, bool)
-        top1, logp = [], []
+        top1, logp, top_logp = [], [], []
         prev = jnp.zeros((1,), jnp.int32)
         for c in range(0, len(inputs), CHUNK):
             sl = slice(c, c + CHUNK)
-            cache, prev, a, lp = _decode_chunk(
+            cache, prev, a, lp, tlp = _decode_chunk(
                 self.params, cache, jnp.asarray(inputs[None, sl]), jnp.asarray(targets[None, sl]),
                 jnp.asarray(force[sl]), prev, config=self.config, attention=attention)
             top1.append(np.asarray(a[0]))
             logp.append(np.asarray(lp[0]))
-        return cache, np.concatenate(top1)[:n], np.concatenate(logp)[:n]
+            top_logp.append(np.asarray(tlp[0]))
+        return (cache, np.concatenate(top1)[:n], np.concatenate(logp)[:n],
+                np.concatenate(top_logp)[:n])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention"))
@@ -200,12 +213,13 @@ def _decode_chunk(params, cache, inputs, targets, force, prev, *, config, attent
         cache, logits = llama.decode(params, cache, token, slots, active, config=config,
                                      attention=attention)
         top1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[:, None], axis=-1)
-        return (cache, top1), (top1, logp[:, 0])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        target_logp = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+        return (cache, top1), (top1, target_logp, logp.max(axis=-1))
 
-    (cache, prev), (top1, logp) = jax.lax.scan(step, (cache, prev),
-                                               (inputs.T, targets.T, force))
-    return cache, prev, top1.T, logp.T
+    (cache, prev), (top1, logp, top_logp) = jax.lax.scan(step, (cache, prev),
+                                                         (inputs.T, targets.T, force))
+    return cache, prev, top1.T, logp.T, top_logp.T
 
 
 def cache_from_dense(dense: kv_cache.KVCache, empty: kv_cache.KVCache, length: int, *,
@@ -278,7 +292,7 @@ def passkey_grid(runner: Runner, tokenizer, settings: list[Setting], *, lengths:
                 first = int(jnp.argmax(logits))
                 inputs = [first] + [0] * (new_tokens - 2)
                 force = [True] + [False] * (new_tokens - 2)
-                _, top1, _ = runner.decode(setting.attention, cache, inputs, inputs, force)
+                _, top1, _, _ = runner.decode(setting.attention, cache, inputs, inputs, force)
                 answer = tokenizer.decode([first] + top1.tolist())
                 hit = corpus.passkey_found(answer, key)
                 records.append(dict(setting.row(), length=length, depth=depth, passkey=key,
@@ -308,12 +322,15 @@ def teacher_forced(runner: Runner, tokenizer, settings: list[Setting], *, length
             for setting in settings:
                 cache, _ = _setting_cache(runner, setting, dense_cache, prefix, length,
                                           dense_logits)
-                _, top1, logp = runner.decode(setting.attention, cache, inputs, targets,
-                                              [True] * num_tokens)
+                _, top1, logp, top_logp = runner.decode(setting.attention, cache, inputs,
+                                                        targets, [True] * num_tokens)
                 if reference is None:
-                    reference = top1
+                    reference, reference_top_logp = top1, top_logp
+                confident, num_confident = confident_agreement(top1, reference,
+                                                               reference_top_logp)
                 rec = dict(setting.row(), length=length, book=book, tokens=num_tokens,
                            agreement=top1_agreement(top1, reference),
+                           confident_agreement=confident, confident_tokens=num_confident,
                            perplexity=perplexity(-logp),
                            accuracy=float((top1 == np.asarray(targets)).mean()))
                 records.append(rec)
@@ -326,8 +343,8 @@ def teacher_forced(runner: Runner, tokenizer, settings: list[Setting], *, length
 # ---- summaries and plots ---------------------------------------------------------------------
 
 def summarize(passkey: list[dict], forced: list[dict]) -> list[dict]:
-    """Per setting: passkey hits, cells at or above dense, mean agreement and perplexity per
-    length."""
+    """Per setting: passkey hits, cells at or above dense, and per length the token-weighted
+    agreement, perplexity, and agreement where dense was confident (top-1 probability >= 0.5)."""
     names = list(dict.fromkeys([r["setting"] for r in passkey + forced]))
     dense_hits = {(r["length"], r["depth"]): r["hit"] for r in passkey if r["setting"] == "dense"}
     rows = []
@@ -343,6 +360,12 @@ def summarize(passkey: list[dict], forced: list[dict]) -> list[dict]:
             row[f"agreement@{length}"] = sum(r["agreement"] * r["tokens"] for r in at) / tokens
             nll = sum(np.log(r["perplexity"]) * r["tokens"] for r in at) / tokens
             row[f"ppl@{length}"] = float(np.exp(nll))
+            confident = [r for r in at if r.get("confident_tokens")]
+            if confident:
+                n = sum(r["confident_tokens"] for r in confident)
+                row[f"confident_agreement@{length}"] = sum(
+                    r["confident_agreement"] * r["confident_tokens"] for r in confident) / n
+                row[f"confident_tokens@{length}"] = n
         rows.append(row)
     return rows
 
@@ -391,17 +414,17 @@ def plot_agreement(summary: list[dict], path: Path) -> None:
                   key=lambda k: int(k.split("@")[1]))
     if not keys:
         return
-    names = [r["setting"] for r in summary if r["setting"] != "dense"]
+    names = [r["setting"] for r in summary if r["setting"] != "dense" and keys[0] in r]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 3.6))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
-        vals = [next(r[key] for r in summary if r["setting"] == n) for n in names]
+        vals = [next(r.get(key, np.nan) for r in summary if r["setting"] == n) for n in names]
         ax.bar(np.arange(len(names)) + j * width, vals, width, label=key.split("@")[1] + " tokens")
     ax.axhline(0.99, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names, rotation=35,
                   ha="right", fontsize=7)
     ax.set_ylabel("top-1 agreement with dense")
-    ax.set_ylim(min(0.8, min(r[k] for r in summary for k in keys) - 0.02), 1.005)
+    ax.set_ylim(min(0.8, min(r[k] for r in summary for k in keys if k in r) - 0.02), 1.005)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -409,6 +432,11 @@ def plot_agreement(summary: list[dict], path: Path) -> None:
 
 
 # ---- command line ----------------------------------------------------------------------------
+
+def _previous(path: Path) -> list[dict]:
+    """Records of an earlier run in the results folder (a part skipped now keeps them)."""
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
 
 def _git_commit() -> str | None:
     import subprocess
@@ -452,8 +480,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=("pallas", "xla"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-passkey", action="store_true")
-    p.add_argument("--skip-forced", action="store_true")
+    p.add_argument("--skip-passkey", action="store_true",
+                   help="skip the passkey grid (an earlier run's passkey.json in --out is kept)")
+    p.add_argument("--skip-forced", action="store_true",
+                   help="skip teacher forcing (an earlier run's agreement.json is kept)")
     return p
 
 
@@ -494,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype, "page_size": args.page_size, "commit": _git_commit()}
     say = log.info
     t0 = time.perf_counter()
-    passkey, forced = [], []
+    passkey, forced = _previous(out / "passkey.json"), _previous(out / "agreement.json")
     if not args.skip_passkey:
         passkey = passkey_grid(runner, tokenizer, settings, lengths=lengths, depths=args.depths,
                                new_tokens=args.new_tokens, haystack=args.haystack,

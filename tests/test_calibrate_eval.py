@@ -172,6 +172,9 @@ def test_metrics_on_a_hand_made_case():
     assert harness.perplexity([np.log(2.0), np.log(8.0)]) == pytest.approx(4.0)
     with pytest.raises(ValueError):
         harness.top1_agreement([1, 2], [1, 2, 3])
+    assert harness.confident_agreement([1, 2, 3, 4], [1, 0, 0, 4],
+                                       np.log([0.9, 0.4, 0.6, 0.5])) == (2 / 3, 3)
+    assert harness.confident_agreement([1], [2], np.log([0.1])) == (None, 0)
     assert corpus.passkey_found(" 12345. Remember it.", "12345")
     assert corpus.passkey_found("is 12345", "12345")
     assert not corpus.passkey_found(" 123456.", "12345")
@@ -179,14 +182,18 @@ def test_metrics_on_a_hand_made_case():
     assert not corpus.passkey_found(" no number", "12345")
     passkey = [dict(setting=s, length=n, depth=d, hit=h) for s, n, d, h in [
         ("dense", 1, 0, True), ("dense", 1, 1, False), ("x", 1, 0, False), ("x", 1, 1, True)]]
-    forced = [dict(setting=s, length=8, tokens=t, agreement=a, perplexity=p) for s, t, a, p in [
-        ("dense", 10, 1.0, 2.0), ("dense", 30, 1.0, 4.0), ("x", 10, 0.5, 2.0),
-        ("x", 30, 0.9, 4.0)]]
+    forced = [dict(setting=s, length=8, tokens=t, agreement=a, perplexity=p,
+                   confident_agreement=c, confident_tokens=n)
+              for s, t, a, p, c, n in [
+                  ("dense", 10, 1.0, 2.0, 1.0, 4), ("dense", 30, 1.0, 4.0, 1.0, 6),
+                  ("x", 10, 0.5, 2.0, 0.75, 4), ("x", 30, 0.9, 4.0, 1.0, 6)]]
     rows = {r["setting"]: r for r in harness.summarize(passkey, forced)}
     assert rows["x"]["passkey_hits"] == 1 and rows["x"]["cells_ge_dense"] == 1
     assert rows["dense"]["cells_ge_dense"] == 2
     assert rows["x"]["agreement@8"] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
     assert rows["x"]["ppl@8"] == pytest.approx(np.exp((10 * np.log(2) + 30 * np.log(4)) / 40))
+    assert rows["x"]["confident_agreement@8"] == pytest.approx((0.75 * 4 + 6) / 10)
+    assert rows["x"]["confident_tokens@8"] == 10
 
 
 def test_cache_from_dense_equals_lserve_prefill():
@@ -209,8 +216,8 @@ def test_cache_from_dense_equals_lserve_prefill():
     for name in ("page_table", "seq_lens", "selected_num_pages", "decode_steps"):
         np.testing.assert_array_equal(getattr(rebuilt, name), getattr(direct, name))
     steps = list(range(10))
-    _, top_a, lp_a = runner.decode(att, rebuilt, steps, steps[1:] + [0], [True] * 10)
-    _, top_b, lp_b = runner.decode(att, direct, steps, steps[1:] + [0], [True] * 10)
+    _, top_a, lp_a, _ = runner.decode(att, rebuilt, steps, steps[1:] + [0], [True] * 10)
+    _, top_b, lp_b, _ = runner.decode(att, direct, steps, steps[1:] + [0], [True] * 10)
     np.testing.assert_array_equal(top_a, top_b)
     assert_close(lp_a, lp_b)
     narrow = AttentionConfig(**{**att.__dict__, "ctx_local_tokens": 64})
@@ -247,3 +254,16 @@ def test_eval_cli_end_to_end(tiny_ckpt, tmp_path):
     assert all(0.0 <= r["agreement@300"] <= 1.0 and r["ppl@300"] > 1.0 for r in summary.values())
     for name in ("passkey.png", "agreement.png"):
         assert (out / name).stat().st_size > 0
+    rc = harness.main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--pattern", str(pattern),
+                       "--lengths", "160", "--depths", "0", "--budgets", "64",
+                       "--sparsities", "0.5", "--windows", "", "--page-size", "16",
+                       "--new-tokens", "4", "--skip-forced"])
+    assert rc == 0
+    again = json.loads((out / "summary.json").read_text())["summary"]
+    assert [r["setting"] for r in again] == ["dense", "calibrated s=0.5 budget=64",
+                                             "calibrated s=0.5 budget=1024",
+                                             "calibrated s=0 budget=512",
+                                             "calibrated s=0.5 budget=512",
+                                             "baseline s=0.5 budget=512",
+                                             "calibrated s=0.5 budget=512 window=128"]
+    assert len(json.loads((out / "passkey.json").read_text())["records"]) == 3
