@@ -505,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         ppl_lengths = sorted({min(n, context - 1) for n in args.ppl_lengths})
         if args.ppl_tokens < 1 or min(ppl_lengths, default=args.ppl_tokens + 1) <= args.ppl_tokens:
             raise ValueError("--ppl-tokens must be >= 1 and below every --ppl-lengths")
+        if any(not 0.0 <= d <= 1.0 for d in args.depths) or not args.depths:
+            raise ValueError(f"--depths {args.depths} must be in [0, 1]")
+        if args.new_tokens < 2:
+            raise ValueError("--new-tokens must be >= 2")
+        for n in lengths:  # raises for a length too short to hold a passkey prompt
+            corpus.passkey_prompt(tokenizer, length=n, depth=0.0, passkey="12345",
+                                  haystack=args.haystack)
         settings = build_settings(
             config, pattern=pattern, baseline=args.baseline, budgets=args.budgets,
             sparsities=args.sparsities, windows=args.windows, main_budget=args.main_budget,

@@ -267,3 +267,19 @@ def test_eval_cli_end_to_end(tiny_ckpt, tmp_path):
                                              "baseline s=0.5 budget=512",
                                              "calibrated s=0.5 budget=512 window=128"]
     assert len(json.loads((out / "passkey.json").read_text())["records"]) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depths", "0,1.5"], "must be in"),
+    (["--lengths", "20"], "too short"),
+    (["--budgets", "100"], "multiple of"),
+    (["--sparsities", "2"], "must be in"),
+    (["--ppl-lengths", "64", "--ppl-tokens", "64"], "below every"),
+])
+def test_eval_cli_rejects_bad_arguments(tiny_ckpt, tmp_path, capsys, args, message):
+    pattern = tmp_path / "a.tsv"
+    head_pattern.write_head_pattern(pattern, np.full((2, 2), 0.5))
+    rc = harness.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--pattern",
+                       str(pattern), "--page-size", "16", *args])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
