@@ -1,7 +1,8 @@
 """Which part of LServe's decode loses the passkeys at budget 1024? Dense heads only (static
 sparsity 0), budget 1024, on passkey prompts built as by `python -m lserve_jax.eval` (filler
 haystack, lengths 1K-8K), with the page selector varied: reselect every step
-instead of every 4, and one page list per query head instead of per KV head. Depths 0 and 25%
+instead of every 4, one page list per query head instead of per KV head, and the first page (the
+attention sink) kept in every selection. Depths 0 and 25%
 by default: where the budget-1024 misses of the default grid are.
 
     python benchmarks/passkey_selector_ablation.py [--out benchmarks/results/...jsonl]
@@ -35,6 +36,7 @@ def main() -> None:
         "kv_head, interval 4": base,
         "kv_head, interval 1": dataclasses.replace(base, selector_interval=1),
         "query_head, interval 4": dataclasses.replace(base, page_selection="query_head"),
+        "kv_head, interval 4, first page kept": dataclasses.replace(base, keep_first_pages=1),
     }
     settings = [harness.Setting("dense", AttentionConfig(mode="dense", impl="xla"))]
     settings += [harness.Setting(name, att, None, 0.0, args.budget) for name, att in variants.items()]

@@ -98,7 +98,7 @@ def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
                    main_budget: int = 1024, main_sparsity: float = 0.5, impl: str = "xla",
                    page_size: int = 64, ctx_sink_tokens: int = 128,
                    dec_sink_tokens: int = 128, dec_local_tokens: int = 256,
-                   selector_interval: int = 4) -> list[Setting]:
+                   selector_interval: int = 4, keep_first_pages: int = 0) -> list[Setting]:
     """dense; the pattern at `main_sparsity` × each budget; `main_budget` × each sparsity;
     the baseline pattern at each non-zero sparsity with `main_budget`; each prefill window at
     `main_sparsity`/`main_budget`. Duplicates are dropped, order kept."""
@@ -112,7 +112,7 @@ def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
             ctx_local_tokens=window or SparsityConfig().ctx_local_tokens,
             streaming_heads=streaming, dec_sink_tokens=dec_sink_tokens,
             dec_local_tokens=dec_local_tokens, token_budget=budget,
-            selector_interval=selector_interval)
+            selector_interval=selector_interval, keep_first_pages=keep_first_pages)
         name = f"{which} s={sparsity:g} budget={budget}" + (f" window={window}" if window else "")
         return Setting(name, att, which, sparsity, budget, window)
 
@@ -477,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--haystack", choices=corpus.HAYSTACKS, default="filler")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--keep-first-pages", type=int, default=SparsityConfig().keep_first_pages,
+                   help="LServe knob for every LServe setting (pages kept as attention sink)")
     p.add_argument("--impl", choices=("pallas", "xla"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -516,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             config, pattern=pattern, baseline=args.baseline, budgets=args.budgets,
             sparsities=args.sparsities, windows=args.windows, main_budget=args.main_budget,
             main_sparsity=args.main_sparsity, impl=args.impl or default_impl(),
+            keep_first_pages=args.keep_first_pages,
             page_size=args.page_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -528,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": [s.row() | {"name": s.name} for s in settings],
             "haystack": args.haystack, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "dtype": args.dtype, "page_size": args.page_size, "commit": _git_commit()}
+            "dtype": args.dtype, "page_size": args.page_size,
+            "keep_first_pages": args.keep_first_pages, "commit": _git_commit()}
     say = log.info
     t0 = time.perf_counter()
     passkey, forced = _previous(out / "passkey.json"), _previous(out / "agreement.json")

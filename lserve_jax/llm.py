@@ -123,7 +123,7 @@ class LLM:
             ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming,
             dec_sink_tokens=s.dec_sink_tokens, dec_local_tokens=s.dec_local_tokens,
             token_budget=s.token_budget, selector_interval=s.selector_interval,
-            page_selection=s.page_selection)
+            page_selection=s.page_selection, keep_first_pages=s.keep_first_pages)
 
     # ---- public API --------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ class SparsityConfig:
     page_selection       "kv_head": one page list per KV head (the GQA group's query heads
                          combined, each page loaded once per group); "query_head": one per
                          query head, as in LServe
+    keep_first_pages     pages at the start (the attention sink) every dense-head selection
+                         keeps (0: LServe's rule, top pages by score plus the newest)
     head_pattern         DuoAttention `full_attention_heads.tsv` (None: the shipped pattern
                          of the embedded model, every head dense for other checkpoints)
     """
@@ -40,11 +42,13 @@ class SparsityConfig:
     token_budget: int = 4096
     selector_interval: int = 4
     page_selection: str = "kv_head"
+    keep_first_pages: int = 0
     head_pattern: str | None = None
 
     def __post_init__(self):
         ints = ("page_size", "logical_page_size", "ctx_sink_tokens", "ctx_local_tokens",
-                "dec_sink_tokens", "dec_local_tokens", "token_budget", "selector_interval")
+                "dec_sink_tokens", "dec_local_tokens", "token_budget", "selector_interval",
+                "keep_first_pages")
         for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -71,6 +75,9 @@ class SparsityConfig:
             raise ValueError(f"{token_budget=} must be a positive multiple of {page_size=}")
         if self.selector_interval < 1:
             raise ValueError(f"selector_interval={self.selector_interval} must be >= 1")
+        if not 0 <= self.keep_first_pages < self.budget_pages:
+            raise ValueError(f"keep_first_pages={self.keep_first_pages} must be in "
+                             f"[0, {self.budget_pages - 1}] (the budget is {self.budget_pages} pages)")
         if self.page_selection not in PAGE_SELECTIONS:
             raise ValueError(f"page_selection={self.page_selection!r} must be one of "
                              f"{PAGE_SELECTIONS}")

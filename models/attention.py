@@ -37,7 +37,8 @@ class AttentionConfig:
     dense. `ctx_sink_tokens`/`ctx_local_tokens` are the prefill Λ window, `dec_sink_tokens`/
     `dec_local_tokens` the decode one. Dense heads attend to `token_budget` tokens of selected
     pages, reselected every `selector_interval` steps, with one page list per KV head
-    (`page_selection="kv_head"`) or per query head (`"query_head"`, as LServe does).
+    (`page_selection="kv_head"`) or per query head (`"query_head"`, as LServe does); the first
+    `keep_first_pages` pages (the attention sink) are always among them.
     The decode knobs only apply in "lserve" mode.
     """
 
@@ -52,6 +53,7 @@ class AttentionConfig:
     token_budget: int = 4096
     selector_interval: int = 4
     page_selection: str = "kv_head"
+    keep_first_pages: int = 0
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
@@ -64,6 +66,8 @@ class AttentionConfig:
             raise ValueError(f"{self.ctx_local_tokens=} must be >= 1")
         if self.selector_interval < 1:
             raise ValueError(f"{self.selector_interval=} must be >= 1")
+        if self.keep_first_pages < 0:
+            raise ValueError(f"{self.keep_first_pages=} must be >= 0")
         if self.page_selection not in PAGE_SELECTIONS:
             raise ValueError(f"page_selection={self.page_selection!r} must be one of "
                              f"{PAGE_SELECTIONS}")
@@ -84,7 +88,11 @@ class AttentionConfig:
         if self.token_budget < page_size or self.token_budget % page_size:
             raise ValueError(f"token_budget={self.token_budget} must be a positive multiple of "
                              f"{page_size=}")
-        return max(page_selector.MIN_BUDGET_PAGES, self.token_budget // page_size)
+        k = max(page_selector.MIN_BUDGET_PAGES, self.token_budget // page_size)
+        if self.keep_first_pages > k - 1:
+            raise ValueError(f"keep_first_pages={self.keep_first_pages} leaves no room in a "
+                             f"budget of {k} pages (at most {k - 1})")
+        return k
 
     def layer_streaming(self, layer: int, num_kv_heads: int) -> tuple[bool, ...]:
         """Streaming flags of one layer's KV heads (all False in dense mode)."""
@@ -202,7 +210,8 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
         qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
         return page_selector.select_dense_pages(
             qd, cache.kmax[layer], cache.kmin[layer], cache.page_table[slots], num_pages,
-            budget_pages=k, per_query_head=config.page_selection == "query_head")
+            budget_pages=k, per_query_head=config.page_selection == "query_head",
+            keep_first_pages=config.keep_first_pages)
 
     def all_pages():
         column = jnp.arange(k, dtype=jnp.int32)

@@ -99,18 +99,22 @@ def combine_query_heads(scores: jax.Array, num_kv_heads: int, *, reduce: str = "
     return grouped.max(2) if reduce == "max" else grouped.sum(2)
 
 
-def _check_budget(budget_pages: int) -> None:
+def _check_budget(budget_pages: int, keep_first_pages: int = 0) -> None:
     if budget_pages < MIN_BUDGET_PAGES:
         raise ValueError(f"{budget_pages=} must be >= {MIN_BUDGET_PAGES}")
+    if not 0 <= keep_first_pages <= budget_pages - 1:
+        raise ValueError(f"{keep_first_pages=} must be in [0, budget_pages - 1 = "
+                         f"{budget_pages - 1}]")
 
 
-def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int
-                 ) -> tuple[jax.Array, jax.Array]:
+def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int,
+                 keep_first_pages: int = 0) -> tuple[jax.Array, jax.Array]:
     """Pick at most K = budget_pages physical pages per (sequence, head) (DESIGN §1.4).
 
     Rule: with n = num_pages[b] (clipped to [0, P]),
       - n ≤ K: pages 0..n−1, no scoring;
-      - n > K: the newest (partial) page n−1 always, plus the top K−1 by score among pages 0..n−2.
+      - n > K: the newest (partial) page n−1 always, plus the top K−1 by score among pages 0..n−2,
+        where the first `keep_first_pages` pages (the attention sink) outrank every score.
     Tie rule: candidates are ranked by (score descending, page index ascending), i.e. among equal
     scores the lower page index wins. NaN counts as −inf and −0.0 equals +0.0. Pages ≥ n are never
     selected; their scores may be garbage. The result is sorted ascending by page index so the
@@ -120,12 +124,13 @@ def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int
       scores: [B, H, P] physical page scores (H query heads or KV heads).
       num_pages: [B] int32, physical pages holding tokens per sequence (the last may be partial).
       budget_pages: static K ≥ 3.
+      keep_first_pages: static, 0 ≤ F ≤ K − 1 (0: DESIGN's rule).
 
     Returns:
       pages: [B, H, K] int32, ascending; unused slots hold page 0.
       valid: [B, H, K] bool, True for selected slots (a prefix of the K slots).
     """
-    _check_budget(budget_pages)
+    _check_budget(budget_pages, keep_first_pages)
     b, h, p = scores.shape
     k = budget_pages
     n = jnp.clip(num_pages.astype(jnp.int32), 0, p)[:, None, None]  # [b, 1, 1]
@@ -145,6 +150,7 @@ def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int
     page = jnp.arange(p, dtype=jnp.int32)
     older = page < n - 1
     neg = -jnp.where(older & ~jnp.isnan(scores), scores.astype(jnp.float32), -jnp.inf)
+    neg = jnp.where(older & (page < keep_first_pages), -jnp.inf, neg)  # kept first pages lead
     # Non-older pages get key +inf; they have higher indices than every older page, so even older
     # pages scoring −inf rank before them, and n−1 ≥ K older pages fill the K−1 slots.
     _, order = jax.lax.sort((neg, jnp.broadcast_to(page, neg.shape)), dimension=-1, num_keys=2)
@@ -159,8 +165,8 @@ def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int
 
 
 def select_dense_pages(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_table: jax.Array,
-                       num_pages: jax.Array, *, budget_pages: int, per_query_head: bool
-                       ) -> jax.Array:
+                       num_pages: jax.Array, *, budget_pages: int, per_query_head: bool,
+                       keep_first_pages: int = 0) -> jax.Array:
     """The whole selector for one layer: statistics of the sequences' pages -> chosen pages.
 
     Args:
@@ -170,6 +176,7 @@ def select_dense_pages(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_tabl
       num_pages: [B] int32 physical pages holding tokens.
       budget_pages: static K. per_query_head: one page list per query head (LServe) instead of
         one per KV head (`combine_query_heads` with max).
+      keep_first_pages: pages at the sequence start always selected (see `select_pages`).
 
     Returns:
       [B, Hd * G or Hd, K] int32 page-table *columns* (logical page indices), ascending; the
@@ -184,14 +191,14 @@ def select_dense_pages(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_tabl
     scores = physical_page_scores(scores, stats_per_page)  # [B, Hd*G, P]
     if not per_query_head:
         scores = combine_query_heads(scores, hd)  # [B, Hd, P]
-    pages, _ = select_pages(scores, num_pages, budget_pages)
+    pages, _ = select_pages(scores, num_pages, budget_pages, keep_first_pages)
     return pages
 
 
-def reference_select_pages(scores: np.ndarray, num_pages: np.ndarray, budget_pages: int
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def reference_select_pages(scores: np.ndarray, num_pages: np.ndarray, budget_pages: int,
+                           keep_first_pages: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force NumPy oracle of `select_pages`, same arguments, results and tie rule."""
-    _check_budget(budget_pages)
+    _check_budget(budget_pages, keep_first_pages)
     scores = np.asarray(scores, np.float32)
     b, h, p = scores.shape
     k = budget_pages
@@ -205,6 +212,8 @@ def reference_select_pages(scores: np.ndarray, num_pages: np.ndarray, budget_pag
             else:
                 def key(j):
                     s = float(scores[bi, hi, j])
+                    if j < keep_first_pages:
+                        return (-np.inf, j)
                     return (-(-np.inf if np.isnan(s) else s), j)
                 chosen = sorted(sorted(range(n - 1), key=key)[: k - 1]) + [n - 1]
             pages[bi, hi, : len(chosen)] = chosen

@@ -11,6 +11,7 @@ import pytest
 from conftest import generate_greedy
 from models import AttentionConfig, LlamaConfig, init_params, kv_cache, llama
 from models.attention import decode_attention, select_pages_for_step
+from lserve_jax.sparsity import SparsityConfig
 from models.page_selector import reference_select_pages
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
@@ -35,7 +36,7 @@ def _prompts(seed, lengths):
 # ---- one decode step against brute force ---------------------------------------------------
 
 def _brute_force_step(q, keys, values, n, flags, *, page_size, lps, budget_pages, sink, local,
-                      per_query_head):
+                      per_query_head, keep_first_pages=0):
     """NumPy decode attention of one sequence: keys/values [Hkv, n, D] in sequence order."""
     hq, d = q.shape
     hkv = keys.shape[0]
@@ -59,7 +60,8 @@ def _brute_force_step(q, keys, values, n, flags, *, page_size, lps, budget_pages
             if not per_query_head:
                 scores = scores.max(0, keepdims=True)
             chosen, valid = reference_select_pages(scores[None].astype(np.float32),
-                                                   np.array([num_pages]), budget_pages)
+                                                   np.array([num_pages]), budget_pages,
+                                                   keep_first_pages)
             lists = [chosen[0, i][valid[0, i]] for i in range(len(scores))]
             seen = {h: [j for p in lists[i if per_query_head else 0]
                         for j in range(p * page_size, min((p + 1) * page_size, n))]
@@ -72,9 +74,9 @@ def _brute_force_step(q, keys, values, n, flags, *, page_size, lps, budget_pages
     return out
 
 
-@pytest.mark.parametrize("per_query_head", [False, True])
+@pytest.mark.parametrize("per_query_head, keep_first", [(False, 0), (True, 0), (False, 1)])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_decode_step_matches_brute_force(per_query_head, impl):
+def test_decode_step_matches_brute_force(per_query_head, keep_first, impl):
     """Random keys written by prefill + appends into both pools (pages handed out interleaved
     between slots); one step's selection and attention equal a NumPy brute force."""
     # The Pallas kernel needs pages of >= 16 tokens: scale every size with the page.
@@ -85,7 +87,8 @@ def test_decode_step_matches_brute_force(per_query_head, impl):
     attention = AttentionConfig(mode="lserve", impl=impl, interpret=True,
                                 streaming_heads=(flags,), dec_sink_tokens=sink,
                                 dec_local_tokens=local, token_budget=budget,
-                                page_selection="query_head" if per_query_head else "kv_head")
+                                page_selection="query_head" if per_query_head else "kv_head",
+                                keep_first_pages=keep_first)
     config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
                          num_heads=hkv * g, num_kv_heads=hkv, head_dim=d)
     spec = llama.cache_spec(config, attention, num_pages=40, page_size=page_size, max_seqs=3,
@@ -135,7 +138,8 @@ def test_decode_step_matches_brute_force(per_query_head, impl):
     for b in range(3):
         want = _brute_force_step(q[b], keys[b], values[b], lengths[b], flags,
                                  page_size=page_size, lps=lps, budget_pages=budget // page_size,
-                                 sink=sink, local=local, per_query_head=per_query_head)
+                                 sink=sink, local=local, per_query_head=per_query_head,
+                                 keep_first_pages=keep_first)
         np.testing.assert_allclose(got[b], want, rtol=2e-5, atol=2e-5, err_msg=f"row {b}")
 
 
@@ -234,6 +238,11 @@ def test_cache_spec_and_config_validation():
         AttentionConfig(mode="lserve", page_selection="per_page")
     with pytest.raises(ValueError, match="selector_interval"):
         AttentionConfig(mode="lserve", selector_interval=0)
+    with pytest.raises(ValueError, match="keep_first_pages"):
+        AttentionConfig(mode="lserve", token_budget=256, keep_first_pages=4).budget_pages(64)
+    with pytest.raises(ValueError, match="keep_first_pages"):
+        SparsityConfig(token_budget=256, keep_first_pages=4)
+    assert SparsityConfig(token_budget=256, keep_first_pages=3).keep_first_pages == 3
     spec = llama.cache_spec(CONFIG, AttentionConfig(mode="lserve", streaming_heads=MIXED,
                                                     page_selection="query_head"),
                             num_pages=9, page_size=64, max_seqs=2, max_pages_per_seq=4)

@@ -102,10 +102,11 @@ def test_combine_query_heads(reduce):
         combine_query_heads(scores, hkv, reduce="mean")
 
 
-def _check_selection(scores, num_pages, k):
-    fn = jax.jit(select_pages, static_argnums=2)
-    pages, valid = (np.asarray(x) for x in fn(jnp.asarray(scores), jnp.asarray(num_pages), k))
-    ref_pages, ref_valid = reference_select_pages(scores, num_pages, k)
+def _check_selection(scores, num_pages, k, first=0):
+    fn = jax.jit(select_pages, static_argnums=(2, 3))
+    pages, valid = (np.asarray(x) for x in fn(jnp.asarray(scores), jnp.asarray(num_pages), k,
+                                               first))
+    ref_pages, ref_valid = reference_select_pages(scores, num_pages, k, first)
     np.testing.assert_array_equal(pages, ref_pages)
     np.testing.assert_array_equal(valid, ref_valid)
     assert pages.dtype == np.int32 and valid.dtype == bool and pages.shape == scores.shape[:2] + (k,)
@@ -119,6 +120,27 @@ def _check_selection(scores, num_pages, k):
             assert (pages[bi, hi][~valid[bi, hi]] == 0).all()
             if n > 0:
                 assert sel[-1] == n - 1              # the newest page is always kept
+            assert set(range(min(first, n))) <= set(sel.tolist())  # and the first pages
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_select_keeps_first_pages(seed):
+    """The attention-sink option: the first F pages are always selected, the rest of the rule
+    (newest page, top scores, tie order, short histories) unchanged; F = 0 is the plain rule."""
+    rng = np.random.default_rng(200 + seed)
+    b, h, p, k = 6, 2, 16, int(rng.integers(3, 9))
+    first = int(rng.integers(0, k))
+    scores = rng.choice([-np.inf, -1.0, 0.0, 1.0, 2.5, np.nan], size=(b, h, p)).astype(np.float32)
+    scores[:, :, :first] = -np.inf  # the first pages would never win on score
+    num_pages = rng.integers(0, p + 1, b).astype(np.int32)
+    _check_selection(scores, num_pages, k, first)
+    scores = jnp.asarray([[[-1.0, 1.0, 2.0, 9.0, 0.0, 3.0]]])
+    plain, _ = select_pages(scores, jnp.array([6], jnp.int32), 3)
+    kept, _ = select_pages(scores, jnp.array([6], jnp.int32), 3, 1)
+    np.testing.assert_array_equal(plain, [[[2, 3, 5]]])
+    np.testing.assert_array_equal(kept, [[[0, 3, 5]]])
+    with pytest.raises(ValueError, match="keep_first_pages"):
+        select_pages(jnp.zeros((1, 1, 8)), jnp.array([5], jnp.int32), 3, 3)
 
 
 @pytest.mark.parametrize("k", range(3, 9))
