@@ -27,7 +27,8 @@ class SparsityConfig:
                          combined, each page loaded once per group); "query_head": one per
                          query head, as in LServe
     keep_first_pages     pages at the start (the attention sink) every dense-head selection
-                         keeps (0: LServe's rule, top pages by score plus the newest)
+                         keeps (0: LServe's rule, top pages by score plus the newest; 1 keeps
+                         more passkeys and agrees more with dense on SmolLM2, README)
     head_pattern         DuoAttention `full_attention_heads.tsv` (None: the shipped pattern
                          of the embedded model, every head dense for other checkpoints)
     """
@@ -42,7 +43,7 @@ class SparsityConfig:
     token_budget: int = 4096
     selector_interval: int = 4
     page_selection: str = "kv_head"
-    keep_first_pages: int = 0
+    keep_first_pages: int = 1
     head_pattern: str | None = None
 
     def __post_init__(self):
