@@ -139,17 +139,26 @@ def optimize_gates(params, config: LlamaConfig, samples, *, steps: int, lr: floa
     return np.asarray(gates, np.float64), history
 
 
+def _full_probs(q, k) -> jax.Array:
+    """Causal softmax attention weights [B, Hkv, G, T, S] in f32."""
+    causal, _ = attention_masks(q.shape[1], 0, 1)
+    return jax.nn.softmax(jnp.where(causal, _scores(q, k), -jnp.inf), axis=-1)
+
+
+def _outside_mass(probs, *, sink: int, recent: int) -> jax.Array:
+    """Full-attention weights [B, Hkv, G, T, S] -> [Hkv] mean mass outside sink + recent."""
+    _, streaming = attention_masks(probs.shape[3], sink, recent)
+    mass = jnp.where(streaming, 0.0, probs).sum(-1)  # [B, Hkv, G, T]
+    return mass[..., sink + recent:].mean((0, 2, 3))
+
+
 def outside_mass(q, k, *, sink: int, recent: int) -> jax.Array:
     """Per KV head [Hkv]: the mean full-attention mass outside the sink + recent window.
 
     q [B, T, Hq, D], k [B, T, Hkv, D]. Mean over the batch, the head's query group and the query
     positions t ≥ sink + recent (earlier ones see nothing outside the window).
     """
-    t = q.shape[1]
-    causal, streaming = attention_masks(t, sink, recent)
-    probs = jax.nn.softmax(jnp.where(causal, _scores(q, k), -jnp.inf), axis=-1)
-    mass = jnp.where(streaming, 0.0, probs).sum(-1)  # [B, Hkv, G, T]
-    return mass[..., sink + recent:].mean((0, 2, 3))
+    return _outside_mass(_full_probs(q, k), sink=sink, recent=recent)
 
 
 def profile_gates(params, config: LlamaConfig, token_rows, *, sink: int = 128,
@@ -165,8 +174,9 @@ def profile_gates(params, config: LlamaConfig, token_rows, *, sink: int = 128,
         masses = []
 
         def attend(i, q, k, v):
-            masses.append(outside_mass(q, k, sink=sink, recent=recent))
-            return gated_attention(q, k, v, jnp.ones(k.shape[2]), sink=sink, recent=recent)
+            probs = _full_probs(q, k)  # once, for both the statistic and the layer's output
+            masses.append(_outside_mass(probs, sink=sink, recent=recent))
+            return _attend(probs, v, q.dtype)
 
         llama.hidden_states(params, tokens, config=config, attend=attend)
         return jnp.stack(masses)  # [L, Hkv]
