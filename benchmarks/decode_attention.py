@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import re
@@ -58,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks.provenance import emit, git_commit  # noqa: E402
 from models import kv_cache, llama  # noqa: E402
 from models.attention import (  # noqa: E402
     AttentionConfig,
@@ -381,10 +380,7 @@ def main():
                 rec = {**meta, "load_avg_1m": round(load, 2), **rec}
                 if peak and "achieved_gbps" in rec:
                     rec["fraction_of_peak"] = round(rec["achieved_gbps"] / peak, 3)
-                records.append(rec)
-                line = json.dumps(rec)
-                print(line, flush=True)
-                f.write(line + "\n")
+                emit(records, f, rec)
     print_table(records, on_gpu)
     plot(records, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s")

@@ -33,7 +33,6 @@ table, and plots ms per token vs context with the floor next to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import re
@@ -51,7 +50,7 @@ from benchmarks.decode_attention import (  # noqa: E402
     PAGE_SIZE,
     random_cache,
 )
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks.provenance import emit, git_commit  # noqa: E402
 from models import llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
@@ -285,11 +284,7 @@ def main():
         for t in contexts:
             load = round(os.getloadavg()[0], 2)
             for rec in run_context(t, params, config, on_gpu, meta):
-                rec = {**rec, "load_avg_1m": load}
-                records.append(rec)
-                line = json.dumps(rec)
-                print(line, flush=True)
-                f.write(line + "\n")
+                emit(records, f, {**rec, "load_avg_1m": load})
     print_table(records, on_gpu)
     plot(records, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s")

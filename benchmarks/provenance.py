@@ -1,17 +1,15 @@
-"""Where a benchmark figure came from: the commit it measured (STYLE §12)."""
+"""Provenance and output of benchmark records (STYLE §12)."""
 
-import os
-import pathlib
-import subprocess
+import json
+
+from lserve_jax.provenance import git_commit
+
+__all__ = ["emit", "git_commit"]
 
 
-def git_commit() -> str:
-    """Short commit of the tree; `LSERVE_COMMIT` overrides where the tree travels without .git."""
-    if os.environ.get("LSERVE_COMMIT"):
-        return os.environ["LSERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=pathlib.Path(__file__).parent, check=True)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def emit(records: list, f, record: dict) -> None:
+    """Keep a record, print it as one JSON line and append that line to the open file `f`."""
+    records.append(record)
+    line = json.dumps(record)
+    print(line, flush=True)
+    f.write(line + "\n")

@@ -26,7 +26,8 @@ import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the benchmarks package, passkey prompts
 
 from benchmarks.provenance import git_commit  # noqa: E402
 from lserve_jax import LLM, SamplingParams  # noqa: E402

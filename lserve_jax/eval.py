@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lserve_jax import corpus, head_pattern
+from lserve_jax.provenance import git_commit
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
 from models.attention import AttentionConfig
@@ -438,16 +439,6 @@ def _previous(path: Path) -> list[dict]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -532,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             "haystack": args.haystack, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "dtype": args.dtype, "page_size": args.page_size,
-            "keep_first_pages": args.keep_first_pages, "commit": _git_commit()}
+            "keep_first_pages": args.keep_first_pages, "commit": git_commit()}
     say = log.info
     t0 = time.perf_counter()
     passkey, forced = _previous(out / "passkey.json"), _previous(out / "agreement.json")
