@@ -48,9 +48,16 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+@functools.lru_cache(maxsize=16)
 def book_ids(tokenizer, name: str) -> np.ndarray:
-    """The whole excerpt as token ids, int32 (about 32K tokens with SmolLM2's tokenizer)."""
-    return np.asarray(text_ids(tokenizer, load_book(name)), np.int32)
+    """The whole excerpt as token ids, int32 (about 32K tokens with SmolLM2's tokenizer).
+
+    Tokenized once per (tokenizer, book): calibration samples and every evaluation window slice
+    the same read-only array.
+    """
+    ids = np.asarray(text_ids(tokenizer, load_book(name)), np.int32)
+    ids.flags.writeable = False
+    return ids
 
 
 def _haystack(tokenizer, haystack: str, num_tokens: int, offset: int = 0) -> list[int]:
