@@ -13,7 +13,6 @@ k KV head, g query head within a GQA group, d head dim, e model (hidden) dim.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,8 @@ import numpy as np
 from models import page_selector, streaming_pool
 from models import kv_cache
 from models.kv_cache import KVCache
-from pallas_kernels import paged_decode_attention, sparse_prefill_attention
+from pallas_kernels import (pooled_decode_attention, pooled_decode_attention_reference,
+                            sparse_prefill_attention)
 
 ATTENTION_MODES = ("dense", "lserve")
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -134,6 +134,11 @@ def _head_split(cache: KVCache, layer: int, config: AttentionConfig
     return dense, stream
 
 
+def _pad_entries(x: jax.Array, capacity: int) -> jax.Array:
+    """[B, L, k] -> [B, L, capacity] with zeros (the null page, or an empty range)."""
+    return jnp.pad(x, ((0, 0), (0, 0), (0, capacity - x.shape[2])))
+
+
 def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
                      selected: jax.Array | None, *, layer: int, config: AttentionConfig
                      ) -> jax.Array:
@@ -144,47 +149,75 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
     page-table columns in LServe mode (from `select_pages_for_step`), None for dense attention
     over all pages. Returns [B, Hq, D].
 
-    Dense heads read their pages from the dense pool, streaming heads their sink and ring pages
-    from the streaming pool; each kind is one call of the paged decode kernel over (page, lo, hi)
-    entries, and the outputs are put back in query-head order.
+    Both kinds of head run in one launch of the paged decode kernel (`pooled_decode_attention`):
+    one page list per KV head (G query rows) or, with per-query-head selection, one per query
+    head (one row; a streaming head's G lists then share its pages). Dense lists name the
+    selected (or all) pages of the dense pool, streaming lists the sink and ring pages of the
+    streaming pool; lists are in head order, so the output needs no reordering.
     """
     b, hq, d = q.shape
     dense, stream = _head_split(cache, layer, config)
     hkv = len(dense) + len(stream)
     g = hq // hkv
-    qg = q.reshape(b, hkv, g, d)
     page_size = cache.page_size
-    kernel = functools.partial(paged_decode_attention, impl=config.impl,
-                               interpret=config.interpret)
-    outs = []
+    per_query_head = selected is not None and selected.shape[1] != len(dense)
+    lists_per_head, rows = (g, 1) if per_query_head else (1, g)
+    num_pages = (lengths + page_size - 1) // page_size  # [B]
+    layout = config.streaming_layout(page_size) if stream else None
     if dense:
         table = cache.page_table[slots]  # [B, P]
         if selected is None:  # every page, one list per KV head
             columns = jnp.broadcast_to(jnp.arange(table.shape[1], dtype=jnp.int32),
                                        (b, len(dense), table.shape[1]))
-            used = True
+            dense_count = num_pages
         else:
             columns = selected
-            num_pages = (lengths + page_size - 1) // page_size
-            used = jnp.arange(columns.shape[2]) < jnp.minimum(columns.shape[2], num_pages)[:, None, None]
-        pages = jnp.take_along_axis(table[:, None, :], columns, axis=2)  # [B, Hsel, K]
-        hi = jnp.clip(lengths[:, None, None] - columns * page_size, 0, page_size)
-        hi = jnp.where(used, hi, 0).astype(jnp.int32)
-        qd = qg[:, dense]  # [B, Hd, G, D]
-        if columns.shape[1] != len(dense):  # per-query-head lists: each query head is a group
-            qd = qd.reshape(b, len(dense) * g, 1, d)
-        out = kernel(qd, cache.k[layer], cache.v[layer], pages, jnp.zeros_like(hi), hi)
-        outs.append(out.reshape(b, len(dense), g, d))
+            dense_count = jnp.minimum(columns.shape[2], num_pages)
+        pages_d = jnp.take_along_axis(table[:, None, :], columns, axis=2)  # [B, Ld, Kd]
+        hi_d = jnp.clip(lengths[:, None, None] - columns * page_size, 0, page_size)
+        count_d = jnp.broadcast_to(dense_count[:, None], columns.shape[:2])
+    capacity = max(columns.shape[2] if dense else 0, layout.num_pages if stream else 0)
+    parts, pools = [], []  # (pages, lo, hi, num_entries) of the dense lists, then streaming
+    if dense:
+        parts.append((pages_d, jnp.zeros_like(pages_d), hi_d.astype(jnp.int32), count_d))
+        pools.append((cache.k[layer], cache.v[layer]))
     if stream:
-        layout = config.streaming_layout(page_size)
-        lo, hi = streaming_pool.page_ranges(layout, lengths)  # [B, n]
-        shape = (b, len(stream), layout.num_pages)
-        pages = jnp.broadcast_to(cache.stream_table[slots][:, None], shape)
-        out = kernel(qg[:, stream], cache.sk[layer], cache.sv[layer], pages,
-                     jnp.broadcast_to(lo[:, None], shape), jnp.broadcast_to(hi[:, None], shape))
-        outs.append(out)
-    order = np.argsort(dense + stream)  # back to KV-head order
-    out = jnp.concatenate(outs, axis=1)[:, order] if stream and dense else outs[0]
+        lo_s, hi_s = streaming_pool.page_ranges(layout, lengths)  # [B, n]
+        shape = (b, len(stream) * lists_per_head, layout.num_pages)
+        widen = lambda x: jnp.broadcast_to(x[:, None], shape)  # noqa: E731
+        parts.append((widen(cache.stream_table[slots]), widen(lo_s), widen(hi_s),
+                      jnp.full(shape[:2], layout.num_pages, jnp.int32)))
+        pools.append((cache.sk[layer], cache.sv[layer]))
+    # List t = head * lists_per_head + j in head order is list `order[t]` of the parts'
+    # concatenation, reading KV head `sources[t][1]` of pool `sources[t][0]`.
+    order, sources = [], []
+    for head in range(hkv):
+        if head in dense:
+            pool, index, first = 0, dense.index(head), 0
+        else:
+            pool, index, first = len(pools) - 1, stream.index(head), len(dense) * lists_per_head
+        for j in range(lists_per_head):
+            order.append(first + index * lists_per_head + j)
+            sources.append((pool, index))
+    order = np.array(order)
+    qlists = q.reshape(b, hkv * lists_per_head, rows, d)
+    if config.impl == "xla":
+        # The CPU path gathers every entry it is given, so each pool's lists keep their own
+        # length (streaming lists 7 entries, not the dense lists' budget).
+        position = np.argsort(order)  # head-order position of each concatenated list
+        firsts = np.cumsum([0] + [part[0].shape[1] for part in parts])
+        outs = [pooled_decode_attention_reference(
+            qlists[:, position[first:first + part[0].shape[1]]], (pool,), *part,
+            sources=tuple((0, i // lists_per_head) for i in range(part[0].shape[1])))
+            for part, pool, first in zip(parts, pools, firsts)]
+        out = jnp.concatenate(outs, axis=1)[:, order]
+    else:
+        pages, lo, hi, counts = (
+            jnp.concatenate([_pad_entries(part[i], capacity) if i < 3 else part[i]
+                             for part in parts], axis=1)[:, order] for i in range(4))
+        out = pooled_decode_attention(qlists, tuple(pools), pages, lo, hi, counts,
+                                      sources=tuple(sources), impl=config.impl,
+                                      interpret=config.interpret)
     return out.reshape(b, hq, d).astype(q.dtype)
 
 

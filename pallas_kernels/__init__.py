@@ -12,3 +12,7 @@ from pallas_kernels.paged_decode import (
     paged_decode_attention_reference as paged_decode_attention_reference,
 )
 from pallas_kernels.paged_decode import default_num_splits as default_num_splits
+from pallas_kernels.paged_decode import pooled_decode_attention as pooled_decode_attention
+from pallas_kernels.paged_decode import (
+    pooled_decode_attention_reference as pooled_decode_attention_reference,
+)

@@ -18,6 +18,7 @@ from pallas_kernels import (
     default_num_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
+    pooled_decode_attention,
 )
 from pallas_kernels.paged_decode import _merge_splits
 
@@ -105,6 +106,63 @@ def test_hi_past_page_end_is_the_page_end():
     assert_close(out, reference(q, k, v, pages, lo, hi), jnp.float32)
 
 
+def truncate(case, num_entries):
+    """The case with every entry at or past `num_entries` [B, H] turned into a live-looking
+    entry (a real page, lo < hi) that only `num_entries` keeps out, plus the brute force of
+    what should be read."""
+    q, k, v, pages, lo, hi = case
+    column = np.arange(pages.shape[2])
+    dead = column[None, None, :] >= np.asarray(num_entries)[..., None]
+    garbage = np.where(dead, 1 + column % (k.shape[1] - 1), np.asarray(pages))
+    expected = brute_force(q, k, v, pages, lo, np.where(dead, 0, np.asarray(hi)))
+    trap = (q, k, v, jnp.asarray(garbage, jnp.int32), jnp.where(dead, 0, lo),
+            jnp.where(dead, k.shape[2], hi))
+    return trap, expected
+
+
+def two_pool_case(seed, *, batch=2, group=4, per_query_head=False, head_dim=64, page_size=16,
+                  dtype=jnp.float32):
+    """A layer of 3 KV heads, 0 and 2 in a "dense" pool of 2 heads, 1 in a "streaming" pool of
+    1 head with a different page count. Returns (q, pools, pages, lo, hi, num_entries,
+    sources, expected), expected by brute force per pool."""
+    rng = np.random.default_rng(seed)
+    dense = make_case(seed, batch=batch, num_kv_heads=2, group=group,
+                      per_query_head=per_query_head, head_dim=head_dim, page_size=page_size,
+                      num_entries=7, dtype=dtype)
+    stream = make_case(seed + 1, batch=batch, num_kv_heads=1, group=group,
+                       per_query_head=per_query_head, head_dim=head_dim, page_size=page_size,
+                       num_entries=7, dtype=dtype)
+    lists = group if per_query_head else 1  # lists per KV head
+    # KV-head order 0 (dense 0), 1 (stream 0), 2 (dense 1); lists of a head are consecutive.
+    parts = [(dense, 0), (stream, 0), (dense, 1)]
+    sources = tuple((int(case is stream), head) for case, head in parts for _ in range(lists))
+    index = [slice(head * lists, (head + 1) * lists) for _, head in parts]
+    q, pages, lo, hi = (jnp.concatenate([case[i][:, sl] for (case, _), sl in zip(parts, index)],
+                                        axis=1) for i in (0, 3, 4, 5))
+    num_entries = jnp.asarray(rng.integers(0, 8, (batch, q.shape[1])), jnp.int32)
+    expected = np.zeros(q.shape)
+    live = np.arange(7)[None, None, :] < np.asarray(num_entries)[..., None]
+    for h, (pool, head) in enumerate(sources):
+        case = stream if pool else dense
+        expected[:, h:h + 1] = brute_force(
+            q[:, h:h + 1], case[1][head:head + 1], case[2][head:head + 1], pages[:, h:h + 1],
+            lo[:, h:h + 1], np.where(live[:, h:h + 1], hi[:, h:h + 1], 0))
+    pools = ((dense[1], dense[2]), (stream[1], stream[2]))
+    return q, pools, pages, lo, hi, num_entries, sources, expected
+
+
+def test_reference_num_entries_and_two_pools():
+    case = make_case(13, batch=3, group=2, num_entries=6)
+    num_entries = jnp.asarray(np.random.default_rng(0).integers(0, 7, (3, 2)), jnp.int32)
+    trap, expected = truncate(case, num_entries)
+    assert_close(reference(*trap, num_entries), expected, jnp.float32)
+    for per_query_head in (False, True):
+        q, pools, pages, lo, hi, n, sources, expected = two_pool_case(
+            14, per_query_head=per_query_head)
+        out = pooled_decode_attention(q, pools, pages, lo, hi, n, sources=sources, impl="xla")
+        assert_close(out, expected, jnp.float32)
+
+
 # --- split merge and split counts ----------------------------------------------------------------
 
 def test_merge_splits_by_hand():
@@ -172,6 +230,30 @@ class TestKernel:
                          dtype=dtype)
         self.check(case, dtype, num_splits=num_splits)
 
+    @pytest.mark.parametrize("num_splits", [1, 3, None])
+    def test_num_entries_bound_the_loop(self, num_splits):
+        """Entries at or past num_entries are never read, even when they name real pages with
+        lo < hi; the live entries are spread over the splits at run time."""
+        case = make_case(31, batch=self.batch, group=4, num_entries=self.num_entries)
+        num_entries = jnp.asarray([[7, 2], [0, 5]], jnp.int32)
+        trap, expected = truncate(case, num_entries)
+        out = self.run(*trap, num_entries, num_splits=num_splits)
+        assert np.isfinite(np.asarray(out)).all()
+        assert_close(out, expected, jnp.float32)
+
+    @pytest.mark.parametrize("per_query_head,dtype,num_splits", [
+        (False, jnp.float32, 2), (True, jnp.float32, None), (False, jnp.bfloat16, 3)])
+    def test_two_pools_in_one_launch(self, per_query_head, dtype, num_splits):
+        """Dense and streaming lists of one layer in one launch, each reading its own pool,
+        the output in list (KV-head) order."""
+        q, pools, pages, lo, hi, n, sources, expected = two_pool_case(
+            32, batch=self.batch, per_query_head=per_query_head, dtype=dtype)
+        out = pooled_decode_attention(q, pools, pages, lo, hi, n, sources=sources,
+                                      impl="pallas", interpret=self.interpret,
+                                      num_splits=num_splits)
+        assert out.shape == q.shape and np.isfinite(np.asarray(out, np.float32)).all()
+        assert_close(out, expected, dtype)
+
     def test_more_splits_than_entries_and_custom_scale(self):
         """num_splits > K is cut to one entry per split; sm_scale reaches the kernel."""
         case = make_case(30, batch=self.batch, group=2, num_entries=self.num_entries)
@@ -199,9 +281,27 @@ def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
     """The Triton lowering runs without a GPU: catches unsupported ops and types on CPU."""
     q = jax.ShapeDtypeStruct((2, 8, rows, head_dim), dtype)
     pool = jax.ShapeDtypeStruct((4, 100, 64, head_dim), dtype)
+    stream = jax.ShapeDtypeStruct((2, 15, 64, head_dim), dtype)
     ints = jax.ShapeDtypeStruct((2, 8, 7), jnp.int32)
-    traced = paged_decode_attention.trace(q, pool, pool, ints, ints, ints, num_splits=num_splits)
-    assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    counts = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    sources = tuple((h % 2, h // 2 % 2) for h in range(8))
+    for traced in (
+        paged_decode_attention.trace(q, pool, pool, ints, ints, ints, num_splits=num_splits),
+        pooled_decode_attention.trace(q, ((pool, pool), (stream, stream)), ints, ints, ints,
+                                      counts, sources=sources, num_splits=num_splits),
+    ):
+        assert "triton" in lower_for_cuda(traced)
+
+
+def lower_for_cuda(traced) -> str:
+    """StableHLO text of a traced op lowered for CUDA. From JAX 0.11 the Triton lowering needs
+    a GPU to be present; without one that is a skip, not a failure."""
+    try:
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as e:  # noqa: BLE001 - only the missing-GPU error is a skip
+        if "No supported GPU devices found" in str(e):
+            pytest.skip("this JAX lowers Triton kernels only with a GPU present")
+        raise
 
 
 # --- argument checking ---------------------------------------------------------------------------
