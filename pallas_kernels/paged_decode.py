@@ -251,7 +251,7 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
     if num_entries is not None:
         live = jnp.arange(num_entries_cap) < num_entries[..., None]  # [B, H, K]
         visible &= live[..., None]
-    out = jnp.zeros(q.shape, jnp.float32)
+    outs, order = [], []
     for p, (k_pages, v_pages) in enumerate(pools):
         lists = np.array([h for h, (pool, _) in enumerate(sources) if pool == p], np.int32)
         if not lists.size:
@@ -261,9 +261,12 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
         v = v_pages[heads, pages[:, lists]]
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
-        res = _attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),
-                               visible[:, lists].reshape(batch, lists.size, n), sm_scale)
-        out = out.at[:, lists].set(res)
+        outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),
+                                     visible[:, lists].reshape(batch, lists.size, n), sm_scale))
+        order.extend(lists)
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    if order != sorted(order):
+        out = out[:, np.argsort(order)]
     return out.astype(q.dtype)
 
 
