@@ -60,6 +60,10 @@ by-target/by-opcode tables; `conditionals_per_token` = conditionals one decode s
 executes in a Llama-3-8B-deep model of 32 layers, extrapolated linearly from the two models
 (1-layer count + 31 x per layer); `conditionals_fixed` is the part that does not grow with depth.
 
+The Pallas path is also traced (`jax.make_jaxpr`, so it needs no GPU) with `impl="pallas"`:
+`pallas_path` holds its Pallas kernels by name and its `host_branches`, the `cond`s outside
+kernels (on a GPU each one copies its predicate to the host and waits).
+
 Writes one JSON line per (mode, num_layers) and one per-layer line per mode with device,
 backend, JAX version and commit, and prints a table.
 """
@@ -69,6 +73,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -76,6 +81,7 @@ import sys
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -407,7 +413,52 @@ def count_decode_hlo(mode: str, num_layers: int, small: bool = True) -> dict:
                    page_selection=attention.page_selection, sink_tokens=attention.dec_sink_tokens,
                    local_tokens=attention.dec_local_tokens, streaming_fraction=0.5)
     rec.update(count_hlo(compiled.as_text()))
+    rec["pallas_path"] = count_pallas_path(mode, num_layers, small)
     return rec
+
+
+# ---- the Pallas path, traced ----------------------------------------------------------------
+
+def _walk_jaxpr(jaxpr, counts: collections.Counter) -> None:
+    """Count `pallas_call`s (by kernel name) and `cond`s in a jaxpr and the jaxprs its control
+    flow and calls run, not inside kernels (a branch inside a kernel is a GPU branch, not a
+    host round trip)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "pallas_call":
+            meta = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+            counts[f"pallas_call:{getattr(meta, 'name', meta)}"] += 1
+            continue
+        if name == "cond":
+            counts["cond"] += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _walk_jaxpr(sub.jaxpr, counts)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _walk_jaxpr(sub, counts)
+
+
+def count_pallas_path(mode: str, num_layers: int, small: bool = True) -> dict:
+    """The decode step with `impl="pallas"` traced (not compiled, so it runs on any host):
+    Pallas kernels launched per step by name, and `cond`s outside kernels (each is a host
+    round trip per step on a GPU; the target is none)."""
+    config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
+    attention = dataclasses.replace(attention, impl="pallas", interpret=False)
+    pages_per_seq = context // s.page_size + 1
+    spec = llama.cache_spec(config, attention, num_pages=pages_per_seq + 1,
+                            page_size=s.page_size, max_seqs=1, max_pages_per_seq=pages_per_seq,
+                            dtype=jnp.dtype(dtype).name, logical_page_size=s.logical_page_size)
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
+    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
+    active = jax.ShapeDtypeStruct((1,), jnp.bool_)
+    closed = jax.make_jaxpr(functools.partial(llama.decode, config=config, attention=attention))(
+        param_shapes(config, dtype), cache, ids, ids, active)
+    counts = collections.Counter()
+    _walk_jaxpr(closed.jaxpr, counts)
+    kernels = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("pallas_call:")}
+    return dict(pallas_calls=kernels, num_pallas_calls=sum(kernels.values()),
+                host_branches=counts["cond"])
 
 
 # ---- derived figures --------------------------------------------------------------------------
@@ -422,6 +473,10 @@ TABLE_FIELDS = ("fusion_kinds", "custom_calls", "other_kernels")
 def per_layer(one: dict, two: dict) -> dict:
     """Per-layer figures: (2-layer count - 1-layer count) for every count and table entry."""
     out = {f: two[f] - one[f] for f in COUNT_FIELDS}
+    out["pallas_path"] = {
+        "num_pallas_calls": (two["pallas_path"]["num_pallas_calls"]
+                             - one["pallas_path"]["num_pallas_calls"]),
+        "host_branches": two["pallas_path"]["host_branches"] - one["pallas_path"]["host_branches"]}
     for f in TABLE_FIELDS:
         keys = sorted(set(one[f]) | set(two[f]))
         out[f] = {k: two[f].get(k, 0) - one[f].get(k, 0) for k in keys
@@ -450,8 +505,13 @@ def print_table(records: list) -> None:
         if r["kind"] == "per_layer":
             print(f"{r['mode']}: conditionals per token ({MODEL_LAYERS} layers) "
                   f"{r['conditionals_per_token']}, fixed {r['conditionals_fixed']}; per layer "
-                  f"custom calls {r['custom_calls']}, other kernels {r['other_kernels']}")
+                  f"custom calls {r['custom_calls']}, other kernels {r['other_kernels']}; "
+                  f"Pallas path per layer: {r['pallas_path']['num_pallas_calls']} kernels, "
+                  f"{r['pallas_path']['host_branches']} host branches")
         else:
+            print(f"{r['mode']} {r['num_layers']}L Pallas path: kernels "
+                  f"{r['pallas_path']['pallas_calls']}, host branches "
+                  f"{r['pallas_path']['host_branches']}")
             for c in r["large_copies"]:
                 print(f"{r['mode']} {r['num_layers']}L: large copy {c}")
 

@@ -21,7 +21,8 @@ import numpy as np
 from models import page_selector, streaming_pool
 from models import kv_cache
 from models.kv_cache import KVCache
-from pallas_kernels import (pooled_decode_attention, pooled_decode_attention_reference,
+from pallas_kernels import (MAX_SELECT_PAGES, page_scores, pooled_decode_attention,
+                            pooled_decode_attention_reference, select_top_pages,
                             sparse_prefill_attention)
 
 ATTENTION_MODES = ("dense", "lserve")
@@ -227,8 +228,14 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
     stored selection for the others (selector reuse, DESIGN §1.4 step 2).
 
     q [B, Hq, D]; lengths [B] including the new token; need [B] bool. Returns
-    [B, Hsel, K] page-table columns (see `page_selector.select_dense_pages`). Scoring runs only
-    when some row needs it and has more pages than the budget; shorter histories take all pages.
+    [B, Hsel, K] page-table columns (see `page_selector.select_dense_pages`); histories not
+    longer than the budget take all their pages.
+
+    Only rows in `need` with more pages than the budget are scored. With `impl="pallas"` (the
+    GPU path) the scoring and top-K kernels skip the other rows inside the kernel, so the step
+    has no branch: on a GPU each `lax.cond` copies its predicate to the host and waits, once per
+    layer. The XLA path (the CPU path, where a branch costs nothing) skips the scoring with one
+    `lax.cond` when no row needs it.
     """
     b, hq, d = q.shape
     dense, stream = _head_split(cache, layer, config)
@@ -238,13 +245,25 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
         return stored
     k = stored.shape[2]
     num_pages = (lengths + cache.page_size - 1) // cache.page_size
+    qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
+    per_query_head = config.page_selection == "query_head"
+    table = cache.page_table[slots]
+    if config.impl == "pallas":
+        scoring = need & (num_pages > k)
+        scores = page_scores(qd, cache.kmax[layer], cache.kmin[layer], table, num_pages, scoring,
+                             per_query_head=per_query_head, impl="pallas",
+                             interpret=config.interpret)
+        # The top-K kernel holds a whole row of page scores; longer rows sort in XLA.
+        top_k_impl = "pallas" if table.shape[1] <= MAX_SELECT_PAGES else "xla"
+        fresh = select_top_pages(scores, num_pages, need, budget_pages=k,
+                                 keep_first_pages=config.keep_first_pages, impl=top_k_impl,
+                                 interpret=config.interpret)
+        return jnp.where(need[:, None, None], fresh, stored)
 
     def score():
-        qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
         return page_selector.select_dense_pages(
-            qd, cache.kmax[layer], cache.kmin[layer], cache.page_table[slots], num_pages,
-            budget_pages=k, per_query_head=config.page_selection == "query_head",
-            keep_first_pages=config.keep_first_pages)
+            qd, cache.kmax[layer], cache.kmin[layer], table, num_pages, budget_pages=k,
+            per_query_head=per_query_head, keep_first_pages=config.keep_first_pages)
 
     def all_pages():
         column = jnp.arange(k, dtype=jnp.int32)

@@ -41,6 +41,18 @@ def has_gpu() -> bool:
         return False
 
 
+def lower_for_cuda(traced) -> str:
+    """StableHLO text of a traced op lowered for CUDA, for the CPU-side Triton lowering tests.
+    From JAX 0.11 the Triton lowering needs a GPU to be present; without one that is a skip,
+    not a failure."""
+    try:
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as e:  # noqa: BLE001 - only the missing-GPU error is a skip
+        if "No supported GPU devices found" in str(e):
+            pytest.skip("this JAX lowers Triton kernels only with a GPU present")
+        raise
+
+
 def pytest_collection_modifyitems(config, items):
     if has_gpu():
         return

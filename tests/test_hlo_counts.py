@@ -240,3 +240,25 @@ def test_per_layer_figures(decode_counts, mode):
     assert layer["num_large_copies"] == 0
     per_token = conditionals_per_token(decode_counts, mode)
     assert per_token == one["conditionals_executed"] + 31 * layer["conditionals_executed"]
+
+
+@pytest.mark.parametrize("mode", hlo_counts.MODES)
+def test_gpu_path_has_one_attention_launch_and_no_host_branch(decode_counts, mode):
+    """The decode step as the GPU runs it (`impl="pallas"`): one attention kernel per layer for
+    both kinds of head, the selector's scoring and top-K as kernels (LServe), and no `cond`
+    outside kernels, so a step never waits on the host."""
+    one, two = (decode_counts[mode, n]["pallas_path"] for n in hlo_counts.LAYERS)
+    assert one["host_branches"] == two["host_branches"] == 0
+    per_layer = {name: two["pallas_calls"].get(name, 0) - one["pallas_calls"].get(name, 0)
+                 for name in two["pallas_calls"]}
+    expected = {"paged_decode_attention": 1}
+    if mode == "lserve":
+        expected.update(page_scores=1, select_top_pages=1)
+    assert per_layer == expected
+
+
+def test_cpu_path_branches_at_most_once_per_layer(decode_counts):
+    """The XLA (CPU) path keeps one `cond` per LServe layer around the scoring (on the host it
+    costs nothing and skips the scoring on reuse steps); dense decode has none."""
+    assert conditionals_per_token(decode_counts, "dense") == 0
+    assert conditionals_per_token(decode_counts, "lserve") <= hlo_counts.MODEL_LAYERS

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, lower_for_cuda
 
 from pallas_kernels import (
     default_num_splits,
@@ -291,17 +291,6 @@ def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
                                       counts, sources=sources, num_splits=num_splits),
     ):
         assert "triton" in lower_for_cuda(traced)
-
-
-def lower_for_cuda(traced) -> str:
-    """StableHLO text of a traced op lowered for CUDA. From JAX 0.11 the Triton lowering needs
-    a GPU to be present; without one that is a skip, not a failure."""
-    try:
-        return traced.lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as e:  # noqa: BLE001 - only the missing-GPU error is a skip
-        if "No supported GPU devices found" in str(e):
-            pytest.skip("this JAX lowers Triton kernels only with a GPU present")
-        raise
 
 
 # --- argument checking ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, lower_for_cuda
 
 from pallas_kernels import (
     prefill_tile_counts,
@@ -249,7 +249,7 @@ def test_kernel_lowers_to_triton(dtype, head_dim, tiles):
     ints = jax.ShapeDtypeStruct((2,), jnp.int32)
     traced = sparse_prefill_attention.trace(q, kv, kv, ints, sink_tokens=20, local_tokens=37,
                                             seq_lens=ints, **tiles)
-    assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in lower_for_cuda(traced)
 
 
 # --- argument checking ---------------------------------------------------------------------------
