@@ -1,6 +1,7 @@
 """End-to-end decode per token, dense vs LServe, beside the weight-streaming floor (STYLE §12).
 
-    python benchmarks/decode_e2e.py [--out PATH.jsonl] [--contexts 32768 ...] [--small]
+    python benchmarks/decode_e2e.py [--out PATH.jsonl] [--plot PATH.png] [--contexts 32768 ...]
+                                    [--modes dense lserve] [--small]
 
 GPU: a Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV heads, D=128,
 intermediate 14336, vocab 128256) with random bf16 weights, batch 1, contexts 32K..256K, our
@@ -10,24 +11,33 @@ hidden 1024, 16 heads, 4 KV heads, D=64, intermediate 2816, vocab 32000) in f32 
 
 Prefill is skipped: the cache is built as by `benchmarks/decode_attention.random_cache` (random
 K/V in every layer's pools on shuffled pages, key statistics consistent with the keys,
-`seq_lens` = context). LServe: in every layer half the KV heads are streaming heads (the first
-half in even layers, the second half in odd ones), sink 128 + local 256, token budget 4096,
-`selector_interval` 4, page lists per KV head (the default). Both modes run
-`jax.jit(llama.decode, donate_argnames=("cache",))` on their own returned cache, so pools are
-updated in place and the context grows by one token per step (by less than 1% over a run).
+`seq_lens` = context). LServe runs the shipped knobs (`lserve_jax.sparsity.SparsityConfig()`:
+pages of 64 tokens, logical pages of 16, sink 128 + local 256, token budget 4096,
+`selector_interval` 4, page lists per KV head, `keep_first_pages` 1) with `static_sparsity` 0.5
+of the KV heads of every layer streaming (the first half in even layers, the second half in odd
+ones); every record carries the knobs. Both modes run `jax.jit(llama.decode,
+donate_argnames=("cache",))` on their own returned cache, so pools are updated in place and the
+context grows by one token per step (by less than 1% over a run). The 32 layers' caches are
+distinct memory, so consecutive steps do not find each other's pages in L2. --modes sets which
+modes run and in which order (default dense, then LServe); whichever of the two runs second
+carries the speed-up (`speedup_vs_dense` on LServe, `lserve_speedup_vs_dense` on dense).
 
 Timing: one call compiles and warms up, then blocks of 8 steps (two selection periods) are timed
 from the first dispatch to the last step's result; ms per token = median over blocks / 8.
 
 Floor: weight bytes read per token (every parameter once; the embedding table not at all, as the
-lookup reads one row) / memory bandwidth measured in the same run as the time of `jnp.sum` over a
-2 GiB (GPU) or 512 MiB (CPU) f32 array. `roofline_ms` adds the KV bytes each mode reads per token
-(see decode_attention.py: dense every token of every KV head; LServe the budget for dense heads,
-sink + local + one page for streaming heads, and the key statistics (pool dtype) amortised over the
-interval) to the weights.
+lookup reads one row) / the copy bandwidth measured in the same run (`benchmarks/provenance.py`:
+a jitted `x + 1` over 2 GiB, read + written bytes; or `LSERVE_COPY_GBPS` where gpu_checks.sh
+measured it). `roofline_ms` adds the KV bytes each mode reads per token (see
+decode_attention.py: dense every token of every KV head; LServe the budget for dense heads,
+sink + local + one page for streaming heads, and the key statistics (pool dtype) amortised over
+the interval) to the weights; `fraction_of_copy_bw` = (weights + KV bytes) / time / copy
+bandwidth.
 
-Writes one JSON line per (context, mode) with device, backend, JAX version and commit, prints a
-table, and plots ms per token vs context with the floor next to --out.
+Writes one JSON line per (context, mode), flushed as it is measured, with device, backend, JAX
+version and commit to --out (default benchmarks/results/decode_e2e_<device>.jsonl), prints a
+table with the H200 targets at 256K, and plots ms per token vs context with the floor to --plot
+(default next to --out).
 """
 
 from __future__ import annotations
@@ -35,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -48,9 +57,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.decode_attention import (  # noqa: E402
     LOGICAL_PAGE_SIZE,
     PAGE_SIZE,
+    SPARSITY,
+    knob_fields,
     random_cache,
+    shipped_attention,
 )
-from benchmarks.provenance import emit, git_commit  # noqa: E402
+from benchmarks.provenance import copy_bandwidth, device_slug, emit, git_commit  # noqa: E402
+from lserve_jax.head_pattern import num_streaming_heads  # noqa: E402
 from models import llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
@@ -62,35 +75,22 @@ SMALL_MODEL = dict(num_layers=4, hidden_size=1024, num_heads=16, num_kv_heads=4,
                    intermediate_size=2816, vocab_size=32000)
 GPU_CONTEXTS = (32768, 65536, 131072, 262144)
 SMALL_CONTEXTS = (2048, 8192, 16384, 32768)
+MODES = ("dense", "lserve")
 STEPS_PER_BLOCK = 8  # a multiple of the selector interval
 MAX_BLOCKS = {True: 10, False: 3}  # timed blocks, by on_gpu (fewer when over the time budget)
 TIME_BUDGET_S = {True: 2.0, False: 1.0}
-PROBE_BYTES = {True: 2 * 2**30, False: 512 * 2**20}
 MEMORY_CAP_BYTES = 70 * 2**30
-# Issue targets on H100 at 256K for LServe.
-TARGET_OVER_FLOOR, TARGET_SPEEDUP, TARGET_CONTEXT = 1.15, 2.5, 262144
-
-
-def measure_bandwidth(nbytes: int) -> float:
-    """Memory bandwidth in GB/s: median time of a jitted `jnp.sum` over an f32 array."""
-    x = jnp.full((nbytes // 4,), 1.0, jnp.float32)
-    total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(x))
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - start)
-    del x
-    return nbytes / statistics.median(times) / 1e9
+# Targets on an H200 at 256K for LServe (shipped knobs): at most 1.3x the weight floor and at
+# least 2.5x faster than dense.
+TARGET_OVER_FLOOR, TARGET_SPEEDUP, TARGET_CONTEXT = 1.3, 2.5, 262144
 
 
 def streaming_pattern(config: LlamaConfig) -> tuple[tuple[bool, ...], ...]:
-    """Half the KV heads of every layer stream: the first half in even layers, else the second."""
-    half = config.num_kv_heads // 2
-    first = (True,) * half + (False,) * (config.num_kv_heads - half)
-    second = (False,) * (config.num_kv_heads - half) + (True,) * half
-    return tuple(first if layer % 2 == 0 else second for layer in range(config.num_layers))
+    """`static_sparsity` of every layer's KV heads stream: the first ones in even layers, the
+    last ones in odd layers."""
+    n = num_streaming_heads(SPARSITY.static_sparsity, config.num_kv_heads)
+    first = (True,) * n + (False,) * (config.num_kv_heads - n)
+    return tuple(first if layer % 2 == 0 else first[::-1] for layer in range(config.num_layers))
 
 
 def kv_bytes_per_token(config: LlamaConfig, attention: AttentionConfig, context: int,
@@ -111,6 +111,16 @@ def kv_bytes_per_token(config: LlamaConfig, attention: AttentionConfig, context:
             total += (num_dense * (context // LOGICAL_PAGE_SIZE) * config.head_dim * itemsize * 2
                       / attention.selector_interval)
     return total
+
+
+def cache_bytes(config: LlamaConfig, attention: AttentionConfig, capacity: int,
+                itemsize: int) -> int:
+    """Device memory of a mode's dense pools and key statistics (streaming pages left out)."""
+    heads = sum(config.num_kv_heads - sum(attention.layer_streaming(layer, config.num_kv_heads))
+                for layer in range(config.num_layers))
+    kv = heads * capacity * 2 * config.head_dim * itemsize
+    stats = heads * (capacity // LOGICAL_PAGE_SIZE) * config.head_dim * itemsize * 2
+    return kv + (stats if attention.mode == "lserve" else 0)
 
 
 def time_decode(params, cache, config, attention, on_gpu):
@@ -138,30 +148,26 @@ def time_decode(params, cache, config, attention, on_gpu):
     return 1e3 * statistics.median(times) / STEPS_PER_BLOCK, compile_s, len(times)
 
 
-def run_context(context, params, config, on_gpu, meta):
+def run_context(context, modes, params, config, on_gpu, meta):
+    """Time each mode at one context, in the order of `modes`; yields one record per mode as
+    soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
     impl = "pallas" if on_gpu else "xla"
-    attentions = [AttentionConfig(mode="dense", impl=impl),
-                  AttentionConfig(mode="lserve", impl=impl, streaming_heads=streaming_pattern(config),
-                                  selector_interval=4)]
+    attentions = {"dense": AttentionConfig(mode="dense", impl=impl),
+                  "lserve": shipped_attention(impl, streaming_pattern(config))}
+    num_kv = config.num_kv_heads
+    fraction = num_streaming_heads(SPARSITY.static_sparsity, num_kv) / num_kv
     # Room for the warm-up step and every timed block.
     capacity = context + STEPS_PER_BLOCK * MAX_BLOCKS[on_gpu] + 1
-    records = []
-    for attention in attentions:
-        rec = dict(meta, context=context, mode=attention.mode, impl=impl, batch=1,
-                   steps_per_block=STEPS_PER_BLOCK)
-        if attention.mode == "lserve":
-            rec.update(selector_interval=attention.selector_interval,
-                       page_selection=attention.page_selection,
-                       token_budget=attention.token_budget,
-                       sink_tokens=attention.dec_sink_tokens,
-                       local_tokens=attention.dec_local_tokens, streaming_fraction=0.5)
-        dense_bytes = (config.num_layers * config.num_kv_heads * capacity * 2 * config.head_dim
-                       * itemsize)
-        if dense_bytes + meta["weight_bytes"] > MEMORY_CAP_BYTES:
-            rec.update(status="skipped", error=f"cache needs {dense_bytes / 2**30:.0f} GiB")
-            records.append(rec)
+    measured = {}
+    for mode in modes:
+        attention = attentions[mode]
+        rec = dict(meta, context=context, mode=mode, impl=impl, batch=1,
+                   steps_per_block=STEPS_PER_BLOCK, **knob_fields(attention, fraction))
+        need = cache_bytes(config, attention, capacity, itemsize)
+        if need + meta["weight_bytes"] > MEMORY_CAP_BYTES:
+            yield dict(rec, status="skipped", error=f"cache needs {need / 2**30:.0f} GiB")
             continue
         try:
             cache = random_cache(config, attention, batch=1, context=context, capacity=capacity,
@@ -170,47 +176,52 @@ def run_context(context, params, config, on_gpu, meta):
             del cache
         except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs, go on
             status = "skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e) else "failed"
-            rec.update(status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-            records.append(rec)
+            yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
             continue
         kv = kv_bytes_per_token(config, attention, context, itemsize)
-        bw = meta["bandwidth_gbps"]
-        roofline = (meta["weight_bytes"] + kv) / bw / 1e6
+        total = meta["weight_bytes"] + kv
+        roofline = total / meta["copy_gbps"] / 1e6
         rec.update(status="ok", ms_per_token=round(ms, 3), tokens_per_s=round(1e3 / ms, 2),
                    compile_s=round(compile_s, 1), timed_blocks=blocks,
-                   kv_bytes_per_token=int(kv),
-                   achieved_gbps=round((meta["weight_bytes"] + kv) / ms / 1e6, 2),
-                   floor_ms=meta["floor_ms"], ours_over_floor=round(ms / meta["floor_ms"], 3),
+                   kv_bytes_per_token=int(kv), achieved_gbps=round(total / ms / 1e6, 2),
+                   fraction_of_copy_bw=round(total / ms / 1e6 / meta["copy_gbps"], 3),
+                   ours_over_floor=round(ms / meta["floor_ms"], 3),
                    roofline_ms=round(roofline, 3), ours_over_roofline=round(ms / roofline, 3))
-        records.append(rec)
-    dense_ms = records[0].get("ms_per_token")
-    for rec in records:
-        if rec["status"] == "ok" and dense_ms:
-            rec["speedup_vs_dense"] = round(dense_ms / rec["ms_per_token"], 3)
-    return records
+        measured[mode] = ms
+        if len(measured) == 2:
+            key = "speedup_vs_dense" if mode == "lserve" else "lserve_speedup_vs_dense"
+            rec[key] = round(measured["dense"] / measured["lserve"], 3)
+        yield rec
 
 
 def print_table(records, on_gpu):
-    print(f"{'context':>7} {'dense ms':>9} {'lserve ms':>9} {'floor ms':>8} {'dense/floor':>11} "
-          f"{'lserve/floor':>12} {'lserve speed-up':>15}")
-    for t in dict.fromkeys(r["context"] for r in records):
-        d, s = (next(r for r in records if r["context"] == t and r["mode"] == m)
-                for m in ("dense", "lserve"))
-        if d["status"] != "ok" or s["status"] != "ok":
-            print(f"{t:>7} dense {d['status']}, lserve {s['status']}")
+    print(f"{'context':>7} {'mode':>6} {'ms/token':>9} {'floor ms':>8} {'x floor':>7} "
+          f"{'roofline':>8} {'GB/s':>6} {'of copy':>7} {'lserve speed-up':>15}")
+    for r in records:
+        head = f"{r['context']:>7} {r['mode']:>6}"
+        if r["status"] != "ok":
+            print(f"{head} {r['status']}: {r.get('error', '')[:80]}")
             continue
-        print(f"{t:>7} {d['ms_per_token']:>9.2f} {s['ms_per_token']:>9.2f} {d['floor_ms']:>8.2f} "
-              f"{d['ours_over_floor']:>11.2f} {s['ours_over_floor']:>12.2f} "
-              f"{s['speedup_vs_dense']:>14.2f}x")
-    if on_gpu:
-        print(f"H100 targets at {TARGET_CONTEXT}: LServe <= {TARGET_OVER_FLOOR}x the floor and "
-              f">= {TARGET_SPEEDUP}x dense")
-        for r in records:
-            if r["context"] == TARGET_CONTEXT and r["mode"] == "lserve" and r["status"] == "ok":
-                ok = (r["ours_over_floor"] <= TARGET_OVER_FLOOR
-                      and r["speedup_vs_dense"] >= TARGET_SPEEDUP)
-                print(f"  {r['ours_over_floor']:.2f}x floor, {r['speedup_vs_dense']:.2f}x dense "
-                      f"-> {'met' if ok else 'NOT met'}")
+        speedup = r.get("speedup_vs_dense", r.get("lserve_speedup_vs_dense"))
+        print(f"{head} {r['ms_per_token']:>9.2f} {r['floor_ms']:>8.2f} "
+              f"{r['ours_over_floor']:>7.2f} {r['roofline_ms']:>8.2f} {r['achieved_gbps']:>6.0f} "
+              f"{r['fraction_of_copy_bw']:>7.2f} "
+              + (f"{speedup:>14.2f}x" if speedup is not None else ""))
+    if not on_gpu:
+        return
+    print(f"H200 targets at {TARGET_CONTEXT}: LServe <= {TARGET_OVER_FLOOR}x the weight floor and "
+          f">= {TARGET_SPEEDUP}x dense")
+    at = [r for r in records if r["context"] == TARGET_CONTEXT and r["status"] == "ok"]
+    lserve = next((r for r in at if r["mode"] == "lserve"), None)
+    speedup = next((r.get("speedup_vs_dense", r.get("lserve_speedup_vs_dense")) for r in at
+                    if "speedup_vs_dense" in r or "lserve_speedup_vs_dense" in r), None)
+    if lserve is not None:
+        met = lserve["ours_over_floor"] <= TARGET_OVER_FLOOR
+        print(f"  LServe {lserve['ms_per_token']:.2f} ms, {lserve['ours_over_floor']:.2f}x floor "
+              f"-> {'met' if met else 'NOT met'}")
+    if speedup is not None:
+        print(f"  LServe {speedup:.2f}x dense -> "
+              f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}")
 
 
 def plot(records, path):
@@ -220,8 +231,9 @@ def plot(records, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("dense", "lserve"):
-        ok = [r for r in records if r["mode"] == mode and r["status"] == "ok"]
+    for mode in MODES:
+        ok = sorted((r for r in records if r["mode"] == mode and r["status"] == "ok"),
+                    key=lambda r: r["context"])
         if ok:
             line, = ax.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok],
                             marker="o", label=mode)
@@ -229,7 +241,7 @@ def plot(records, path):
                     color=line.get_color(), label=f"{mode} roofline (weights + KV)")
     r = records[0]
     ax.axhline(r["floor_ms"], color="black", linestyle="--",
-               label=f"weight floor {r['floor_ms']:.2f} ms ({r['bandwidth_gbps']:.0f} GB/s)")
+               label=f"weight floor {r['floor_ms']:.2f} ms ({r['copy_gbps']:.0f} GB/s copy)")
     ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per token")
     contexts = sorted({r["context"] for r in records})
     ax.set_xticks(contexts, [f"{t // 1024}K" for t in contexts])
@@ -245,7 +257,11 @@ def plot(records, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="where the png goes (default: next to --out)")
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="modes to time, in this order")
     parser.add_argument("--small", action="store_true", help="CPU-sized model and contexts")
     args = parser.parse_args()
 
@@ -256,15 +272,16 @@ def main():
     contexts = args.contexts or (SMALL_CONTEXTS if small else GPU_CONTEXTS)
     if any(t % PAGE_SIZE for t in contexts):
         parser.error(f"contexts must be multiples of {PAGE_SIZE}")
+    modes = list(dict.fromkeys(args.modes))
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
 
     device = jax.devices()[0].device_kind
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"decode_e2e_{slug}.jsonl"
+    out = args.out or (pathlib.Path(__file__).parent / "results"
+                       / f"decode_e2e_{device_slug(device)}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    bandwidth = measure_bandwidth(PROBE_BYTES[on_gpu])
+    bandwidth, source, probe = copy_bandwidth(on_gpu and not small)
     params = init_params(config, jax.random.key(0), dtype=dtype)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
     floor_ms = weight_bytes / bandwidth / 1e6
@@ -274,20 +291,22 @@ def main():
     meta = dict(device=device, backend=jax.default_backend(), jax=jax.__version__,
                 commit=git_commit(), host_cpus=os.cpu_count(), model=model,
                 dtype=jnp.dtype(dtype).name, weight_bytes=weight_bytes,
-                bandwidth_gbps=round(bandwidth, 2), bandwidth_probe_bytes=PROBE_BYTES[on_gpu],
+                copy_gbps=round(bandwidth, 1), copy_gbps_source=source, copy_probe_bytes=probe,
                 floor_ms=round(floor_ms, 3))
     print(f"{model}, {jnp.dtype(dtype).name}: {weight_bytes / 2**20:.0f} MiB of weights per "
-          f"token, measured bandwidth {bandwidth:.1f} GB/s -> floor {floor_ms:.2f} ms/token")
+          f"token, copy bandwidth {bandwidth:.1f} GB/s ({source}) -> weight-streaming floor "
+          f"{floor_ms:.2f} ms/token")
 
     records = []
     with out.open("w") as f:
         for t in contexts:
             load = round(os.getloadavg()[0], 2)
-            for rec in run_context(t, params, config, on_gpu, meta):
+            for rec in run_context(t, modes, params, config, on_gpu, meta):
                 emit(records, f, {**rec, "load_avg_1m": load})
     print_table(records, on_gpu)
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s")
+    png = args.plot or out.with_suffix(".png")
+    plot(records, png)
+    print(f"wrote {out} and {png} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Prefill attention: our dense and LServe kernels vs cuDNN and XLA (DESIGN §1.2, STYLE §12).
 
-    python benchmarks/prefill_attention.py [--out PATH.jsonl] [--lengths 8192 32768] [--small]
+    python benchmarks/prefill_attention.py [--out PATH.jsonl] [--plot PATH.png]
+                                           [--lengths 8192 32768] [--small]
 
 GPU: Llama-3-8B attention (32 query heads, 8 KV heads, D=128, bf16, B=1) at 8K..256K tokens, our
 Pallas kernel with all heads dense and with LServe's 50% streaming heads (sink 128, local 8192),
@@ -13,15 +14,15 @@ same time: the skipping is the Pallas kernel's.
 One JSON line per (T, config): device, JAX version, commit, ms, effective TFLOP/s (full causal
 FLOPs 4*B*Hq*D*T*T/2 over the time), achieved TFLOP/s (FLOPs of the tiles actually computed),
 fraction of peak where the peak is known, and speed-ups over our dense kernel and over cuDNN
-measured in the same run. Writes the lines to --out, prints them, and plots ms vs T next to it.
+measured in the same run. Writes the lines to --out (default benchmarks/results/
+prefill_attention_<device>.jsonl), flushed as each is measured, prints them, and plots ms vs T
+to --plot (default next to --out).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks.provenance import device_slug, emit, git_commit  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     default_prefill_config,
     prefill_tile_counts,
@@ -169,6 +170,8 @@ def plot(records, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="where the png goes (default: next to --out)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes")
     args = parser.parse_args()
@@ -182,8 +185,8 @@ def main():
 
     device = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None) if on_gpu else None
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"prefill_attention_{slug}.jsonl"
+    out = args.out or (pathlib.Path(__file__).parent / "results"
+                       / f"prefill_attention_{device_slug(device)}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, jax=jax.__version__, commit=git_commit())
 
@@ -194,12 +197,10 @@ def main():
                 rec = {**meta, **rec}
                 if peak and "achieved_tflops" in rec:
                     rec["fraction_of_peak"] = round(rec["achieved_tflops"] / peak, 3)
-                records.append(rec)
-                line = json.dumps(rec)
-                print(line, flush=True)
-                f.write(line + "\n")
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+                emit(records, f, rec)
+    png = args.plot or out.with_suffix(".png")
+    plot(records, png)
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from pathlib import Path
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from convert.gguf_file import read_gguf
 from convert.hf import read_hf
 from convert.mapping import ConversionError, fill_params
 from convert.source import Source
@@ -49,6 +48,10 @@ def open_source(src: Path) -> Source:
     with open(src, "rb") as f:
         magic = f.read(4)
     if src.suffix == ".gguf" or magic == b"GGUF":
+        # Imported here: only GGUF sources need the `gguf` package, so converted and HF
+        # checkpoints load where it is not installed.
+        from convert.gguf_file import read_gguf
+
         return read_gguf(src)
     raise ConversionError(f"{src} is neither an HF checkpoint directory nor a .gguf file")
 
