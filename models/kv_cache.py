@@ -291,10 +291,19 @@ def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets
     """
     logical = offsets // logical_page_size  # [B, T]
     starts = valid & (offsets % logical_page_size == 0)
+    keys = jnp.moveaxis(k, 2, 0).astype(kmax.dtype)  # [H, B, T, D]
+    if k.shape[1] == 1:
+        # One token per row (a decode step): no two valid rows share a logical page, so each
+        # statistic is a read and a plain in-place write instead of a reset write plus a
+        # scatter-max/min (on a GPU a read-modify-write loop per element for floats). Invalid
+        # rows write into the null page.
+        fresh = starts[None, :, :, None]
+        new_max = jnp.where(fresh, keys, jnp.maximum(kmax[:, pages, logical], keys))
+        new_min = jnp.where(fresh, keys, jnp.minimum(kmin[:, pages, logical], keys))
+        return kmax.at[:, pages, logical].set(new_max), kmin.at[:, pages, logical].set(new_min)
     restart = jnp.where(starts, pages, NULL_PAGE)
     kmax = kmax.at[:, restart, logical].set(-jnp.inf)
     kmin = kmin.at[:, restart, logical].set(jnp.inf)
-    keys = jnp.moveaxis(k, 2, 0).astype(kmax.dtype)  # [H, B, T, D]
     live = valid[None, :, :, None]
     kmax = kmax.at[:, pages, logical].max(jnp.where(live, keys, -jnp.inf))
     kmin = kmin.at[:, pages, logical].min(jnp.where(live, keys, jnp.inf))

@@ -262,3 +262,40 @@ def test_cpu_path_branches_at_most_once_per_layer(decode_counts):
     costs nothing and skips the scoring on reuse steps); dense decode has none."""
     assert conditionals_per_token(decode_counts, "dense") == 0
     assert conditionals_per_token(decode_counts, "lserve") <= hlo_counts.MODEL_LAYERS
+
+
+@pytest.mark.parametrize("mode,page_selection", [
+    ("dense", "kv_head"), ("lserve", "kv_head"), ("lserve", "query_head")])
+def test_gpu_decode_step_lowers_to_triton(mode, page_selection):
+    """The whole decode step of the GPU path lowers for CUDA (every Pallas kernel through
+    Triton) with SmolLM2's head shape (9 query heads, 3 KV heads, head_dim 64: odd list and
+    row counts) and a mixed head pattern."""
+    import dataclasses
+
+    from conftest import lower_for_cuda
+    from models import kv_cache, llama
+    from models.attention import AttentionConfig
+    from models.config import LlamaConfig
+    from models.params import param_shapes
+
+    config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=128, num_layers=2,
+                         num_heads=9, num_kv_heads=3, head_dim=64)
+    attention = AttentionConfig(mode=mode, impl="pallas", token_budget=256,
+                                page_selection=page_selection, keep_first_pages=1,
+                                streaming_heads=((True, False, True), (False, True, False)))
+    if mode == "dense":
+        attention = dataclasses.replace(attention, streaming_heads=None)
+    spec = llama.cache_spec(config, attention, num_pages=40, page_size=64, max_seqs=2,
+                            max_pages_per_seq=16, dtype="bfloat16")
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
+    ids = jax.ShapeDtypeStruct((2,), jnp.int32)
+    step = jax.jit(llama.decode, static_argnames=("config", "attention"),
+                   donate_argnames=("cache",))
+    traced = step.trace(param_shapes(config, jnp.bfloat16), cache, ids, ids,
+                        jax.ShapeDtypeStruct((2,), jnp.bool_), config=config, attention=attention)
+    text = lower_for_cuda(traced)
+    assert "custom_call @__gpu$xla.gpu.triton" in text
+    kernels = ("paged_decode_attention", "page_scores", "select_top_pages")
+    used = kernels if mode == "lserve" else kernels[:1]
+    for name in kernels:
+        assert (name in text) == (name in used), f"{name}: expected {name in used}"
