@@ -226,7 +226,8 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
         cache, acc = carry
         slots = (i % rotation) * batch + base
         cache = kv_cache.write_tokens(cache, 0, slots, positions, valid, lengths, new_kv[i, 0],
-                                      new_kv[i, 1], streaming_heads=flags, layout=layout)
+                                      new_kv[i, 1], streaming_heads=flags, layout=layout,
+                                      impl=attention.impl, interpret=attention.interpret)
         selected = None
         if attention.mode == "lserve":
             need = jnp.full((batch,), (i // rotation) % attention.selector_interval == 0)

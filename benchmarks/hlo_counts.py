@@ -61,7 +61,8 @@ executes in a Llama-3-8B-deep model of 32 layers, extrapolated linearly from the
 (1-layer count + 31 x per layer); `conditionals_fixed` is the part that does not grow with depth.
 
 The Pallas path is also traced (`jax.make_jaxpr`, so it needs no GPU) with `impl="pallas"`:
-`pallas_path` holds its Pallas kernels by name and its `host_branches`, the `cond`s outside
+`pallas_path` holds its Pallas kernels by name, its XLA scatters outside kernels
+(`xla_scatters`: each one a kernel of its own on a GPU) and its `host_branches`, the `cond`s outside
 kernels (on a GPU each one copies its predicate to the host and waits).
 
 Writes one JSON line per (mode, num_layers) and one per-layer line per mode with device,
@@ -431,6 +432,8 @@ def _walk_jaxpr(jaxpr, counts: collections.Counter) -> None:
             continue
         if name == "cond":
             counts["cond"] += 1
+        if name.startswith("scatter"):  # scatter, scatter-add, scatter-max, ...
+            counts["scatter"] += 1
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
@@ -442,7 +445,8 @@ def _walk_jaxpr(jaxpr, counts: collections.Counter) -> None:
 def count_pallas_path(mode: str, num_layers: int, small: bool = True) -> dict:
     """The decode step with `impl="pallas"` traced (not compiled, so it runs on any host):
     Pallas kernels launched per step by name, and `cond`s outside kernels (each is a host
-    round trip per step on a GPU; the target is none)."""
+    round trip per step on a GPU; the target is none), and XLA scatters outside kernels (each a
+    kernel of its own on a GPU)."""
     config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
     attention = dataclasses.replace(attention, impl="pallas", interpret=False)
     pages_per_seq = context // s.page_size + 1
@@ -458,7 +462,7 @@ def count_pallas_path(mode: str, num_layers: int, small: bool = True) -> dict:
     _walk_jaxpr(closed.jaxpr, counts)
     kernels = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("pallas_call:")}
     return dict(pallas_calls=kernels, num_pallas_calls=sum(kernels.values()),
-                host_branches=counts["cond"])
+                host_branches=counts["cond"], xla_scatters=counts["scatter"])
 
 
 # ---- derived figures --------------------------------------------------------------------------
@@ -476,7 +480,8 @@ def per_layer(one: dict, two: dict) -> dict:
     out["pallas_path"] = {
         "num_pallas_calls": (two["pallas_path"]["num_pallas_calls"]
                              - one["pallas_path"]["num_pallas_calls"]),
-        "host_branches": two["pallas_path"]["host_branches"] - one["pallas_path"]["host_branches"]}
+        "host_branches": two["pallas_path"]["host_branches"] - one["pallas_path"]["host_branches"],
+        "xla_scatters": two["pallas_path"]["xla_scatters"] - one["pallas_path"]["xla_scatters"]}
     for f in TABLE_FIELDS:
         keys = sorted(set(one[f]) | set(two[f]))
         out[f] = {k: two[f].get(k, 0) - one[f].get(k, 0) for k in keys
@@ -507,7 +512,8 @@ def print_table(records: list) -> None:
                   f"{r['conditionals_per_token']}, fixed {r['conditionals_fixed']}; per layer "
                   f"custom calls {r['custom_calls']}, other kernels {r['other_kernels']}; "
                   f"Pallas path per layer: {r['pallas_path']['num_pallas_calls']} kernels, "
-                  f"{r['pallas_path']['host_branches']} host branches")
+                  f"{r['pallas_path']['host_branches']} host branches, "
+                  f"{r['pallas_path']['xla_scatters']} XLA scatters")
         else:
             print(f"{r['mode']} {r['num_layers']}L Pallas path: kernels "
                   f"{r['pallas_path']['pallas_calls']}, host branches "

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from models import streaming_pool
+from pallas_kernels import append_tokens
 from models.streaming_pool import StreamingLayout
 
 NULL_PAGE = 0
@@ -318,32 +319,56 @@ def split_heads(streaming_heads: tuple[bool, ...]) -> tuple[list[int], list[int]
 
 def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Array,
                  valid: jax.Array, lengths: jax.Array, k: jax.Array, v: jax.Array, *,
-                 streaming_heads: tuple[bool, ...], layout: StreamingLayout | None) -> KVCache:
+                 streaming_heads: tuple[bool, ...], layout: StreamingLayout | None,
+                 impl: str = "xla", interpret: bool = False) -> KVCache:
     """Store one layer's new keys/values: dense heads into the dense pool (and their key
     statistics, when kept), streaming heads into their sink/ring pages (DESIGN §1.3, §1.5).
 
     slots [B]; positions, valid [B, T]; lengths [B] tokens of each slot once these are written;
     k, v [B, T, Hkv, D] post-RoPE; streaming_heads: static flags of the layer's KV heads.
     Streaming heads only write the tokens that survive in their pages (`streaming_pool.survives`),
-    so a long prefill never writes one ring slot twice.
+    so a long prefill never writes one ring slot twice. A decode step (T = 1) with
+    `impl="pallas"` writes each pool with one launch of the append kernel
+    (`pallas_kernels.append_tokens`: keys, values and statistics together, in place) instead of
+    one scatter per array.
     """
     dense, stream = split_heads(streaming_heads)
     if len(dense) != cache.k[layer].shape[0]:
         raise ValueError(f"layer {layer}: the cache holds {cache.k[layer].shape[0]} dense heads, "
                          f"the attention config has {len(dense)}")
+    head_dim = k.shape[3]
+    fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
+             and not head_dim & (head_dim - 1))
     pages, offsets = token_pages(cache, slots, positions, valid)
     kd, vd = k[:, :, dense], v[:, :, dense]
-    arrays = dict(k=write_layer(cache.k[layer], pages, offsets, kd),
-                  v=write_layer(cache.v[layer], pages, offsets, vd))
-    if cache.kmax:
-        arrays["kmax"], arrays["kmin"] = update_key_stats(
-            cache.kmax[layer], cache.kmin[layer], pages, offsets, kd, valid,
-            logical_page_size=cache.logical_page_size)
+    arrays = {}
+    if fused and dense:  # (a layer whose heads all stream has nothing to write here)
+        stats = (cache.kmax[layer], cache.kmin[layer]) if cache.kmax else (None, None)
+        out = append_tokens(cache.k[layer], cache.v[layer], kd[:, 0], vd[:, 0], pages[:, 0],
+                            offsets[:, 0], valid[:, 0], *stats,
+                            logical_page_size=cache.logical_page_size, impl="pallas",
+                            interpret=interpret)
+        arrays.update(k=out[0], v=out[1])
+        if cache.kmax:
+            arrays.update(kmax=out[2], kmin=out[3])
+    elif not fused:
+        arrays.update(k=write_layer(cache.k[layer], pages, offsets, kd),
+                      v=write_layer(cache.v[layer], pages, offsets, vd))
+        if cache.kmax:
+            arrays["kmax"], arrays["kmin"] = update_key_stats(
+                cache.kmax[layer], cache.kmin[layer], pages, offsets, kd, valid,
+                logical_page_size=cache.logical_page_size)
     if stream:
         kept = valid & streaming_pool.survives(layout, positions, lengths[:, None])
         index, offsets = streaming_pool.token_slot(layout, positions)
         pages = jnp.take_along_axis(cache.stream_table[slots], index, axis=1)
         pages = jnp.where(kept, pages, NULL_PAGE)
-        arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, k[:, :, stream])
-        arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, v[:, :, stream])
+        ks, vs = k[:, :, stream], v[:, :, stream]
+        if fused:
+            arrays["sk"], arrays["sv"], _, _ = append_tokens(
+                cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],
+                offsets[:, 0], kept[:, 0], impl="pallas", interpret=interpret)
+        else:
+            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks)
+            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs)
     return cache.replace_layer(layer, **arrays)

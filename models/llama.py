@@ -162,7 +162,8 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
         def attend(cache, q, k, v, i=i):
             cache = kv_cache.write_tokens(
                 cache, i, slots, positions, active[:, None], lengths, k, v,
-                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
+                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout,
+                impl=attention.impl, interpret=attention.interpret)
             selected = None
             if cache.selected:
                 selected = select_pages_for_step(q[:, 0], cache, slots, lengths, need, layer=i,

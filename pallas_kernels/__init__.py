@@ -23,3 +23,5 @@ from pallas_kernels.page_select import select_top_pages as select_top_pages
 from pallas_kernels.page_select import (
     select_top_pages_reference as select_top_pages_reference,
 )
+from pallas_kernels.kv_append import append_tokens as append_tokens
+from pallas_kernels.kv_append import append_tokens_reference as append_tokens_reference

@@ -243,18 +243,21 @@ def test_per_layer_figures(decode_counts, mode):
 
 
 @pytest.mark.parametrize("mode", hlo_counts.MODES)
-def test_gpu_path_has_one_attention_launch_and_no_host_branch(decode_counts, mode):
+def test_gpu_path_kernels_per_layer_and_no_host_branch(decode_counts, mode):
     """The decode step as the GPU runs it (`impl="pallas"`): one attention kernel per layer for
-    both kinds of head, the selector's scoring and top-K as kernels (LServe), and no `cond`
-    outside kernels, so a step never waits on the host."""
+    both kinds of head, one append kernel per pool, the selector's scoring and top-K as kernels
+    (LServe), and no `cond` outside kernels, so a step never waits on the host."""
     one, two = (decode_counts[mode, n]["pallas_path"] for n in hlo_counts.LAYERS)
     assert one["host_branches"] == two["host_branches"] == 0
     per_layer = {name: two["pallas_calls"].get(name, 0) - one["pallas_calls"].get(name, 0)
                  for name in two["pallas_calls"]}
-    expected = {"paged_decode_attention": 1}
+    # Per pool, one append launch writes the token's K, V and key statistics.
+    expected = {"paged_decode_attention": 1, "kv_append": 1}
     if mode == "lserve":
-        expected.update(page_scores=1, select_top_pages=1)
+        expected.update(page_scores=1, select_top_pages=1, kv_append=2)
     assert per_layer == expected
+    # The appends need no XLA scatter; only the stored selection (LServe) is one.
+    assert two["xla_scatters"] - one["xla_scatters"] == (1 if mode == "lserve" else 0)
 
 
 def test_cpu_path_branches_at_most_once_per_layer(decode_counts):
@@ -295,7 +298,7 @@ def test_gpu_decode_step_lowers_to_triton(mode, page_selection):
                         jax.ShapeDtypeStruct((2,), jnp.bool_), config=config, attention=attention)
     text = lower_for_cuda(traced)
     assert "custom_call @__gpu$xla.gpu.triton" in text
-    kernels = ("paged_decode_attention", "page_scores", "select_top_pages")
-    used = kernels if mode == "lserve" else kernels[:1]
+    kernels = ("paged_decode_attention", "kv_append", "page_scores", "select_top_pages")
+    used = kernels if mode == "lserve" else kernels[:2]
     for name in kernels:
         assert (name in text) == (name in used), f"{name}: expected {name in used}"

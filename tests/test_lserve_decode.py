@@ -1,6 +1,7 @@
 """LServe decode: the two page pools, the page selector with reuse, and the paged decode kernel in
 the model, checked against brute force and against dense attention."""
 
+import functools
 import math
 
 import jax
@@ -103,7 +104,9 @@ def test_decode_step_matches_brute_force(per_query_head, keep_first, impl):
     keys = [rng.randn(hkv, n, d).astype(np.float32) for n in lengths]
     values = [rng.randn(hkv, n, d).astype(np.float32) for n in lengths]
     slots = jnp.arange(3, dtype=jnp.int32)
-    write = jax.jit(kv_cache.write_tokens, static_argnames=("layer", "streaming_heads", "layout"))
+    # With impl="pallas", the one-token appends go through the append kernel (interpret mode).
+    write = jax.jit(functools.partial(kv_cache.write_tokens, impl=impl, interpret=True),
+                    static_argnames=("layer", "streaming_heads", "layout"))
     layout = attention.streaming_layout(page_size)
 
     def put(cache, start, stop):
