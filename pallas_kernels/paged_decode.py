@@ -321,6 +321,11 @@ def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
                          f"{num_entries.shape=} {num_entries.dtype=}")
     if impl == "pallas" and (page_size < 16 or page_size & (page_size - 1)):
         raise ValueError(f"{page_size=} must be a power of two >= 16 for the Pallas kernel")
+    for k_pages, _ in pools:
+        if impl == "pallas" and k_pages.size >= 2**31:
+            # The kernel addresses a pool with int32 element offsets.
+            raise ValueError(f"a pool of {k_pages.size} elements ({k_pages.shape=}) is too large "
+                             f"for the Pallas kernel's int32 offsets (< 2**31): split the batch")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"{num_splits=} must be >= 1")
 

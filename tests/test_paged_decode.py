@@ -326,3 +326,14 @@ def test_xla_impl_accepts_any_page_size():
     q, k, v, pages, lo, hi = make_case(12, page_size=24, head_dim=16)
     out = paged_decode_attention(q, k, v, pages, lo, hi, impl="xla")
     assert_close(out, brute_force(q, k, v, pages, lo, hi), jnp.float32)
+
+
+def test_pool_too_large_for_int32_offsets_is_refused():
+    """The kernel addresses a pool with int32 element offsets: a larger pool is a clear error,
+    never a silent wrap-around (traced only, nothing is allocated)."""
+    q = jax.ShapeDtypeStruct((1, 8, 4, 128), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((8, 2**15 + 1, 64, 128), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((1, 8, 7), jnp.int32)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        paged_decode_attention.trace(q, pool, pool, ints, ints, ints)
+    assert paged_decode_attention.trace(q, pool, pool, ints, ints, ints, impl="xla")
