@@ -1,4 +1,4 @@
-"""Decode attention of one layer: dense paged attention vs LServe (DESIGN §1.3, §1.4; STYLE §12).
+"""Decode attention of one layer: dense paged attention vs LServe (arXiv 2502.14866).
 
     python benchmarks/decode_attention.py [--out PATH.jsonl] [--plot PATH.png]
                                           [--contexts 8192 ...] [--batches 1 8]
@@ -36,11 +36,11 @@ memory cap (then the working set is below the target, as the record shows).
 
 One timed call runs rotation x `steps` decode steps of the layer in a `fori_loop` (steps = 8
 per slot on GPU, so launch overhead is amortised; 4 on CPU; a multiple of every interval) with
-the cache donated and carried, as the serving loop does. A step is DESIGN §1.4 steps 1-3 for the
-layer and its set of slots: write the new token's K/V (it rewrites the newest token in place, so
-the context and the work stay the same from call to call; LServe also folds the key into its
-logical page's max/min), then for LServe `select_pages_for_step`, then `decode_attention`. A slot
-set's selection is recomputed on its visits whose count is a multiple of the interval and reused
+the cache donated and carried, as the serving loop does. A step is LServe's decode step
+(append, select, attend) for the layer and its set of slots: write the new token's K/V (it
+rewrites the newest token in place, so the context and the work stay the same from call to
+call; LServe also folds the key into its logical page's max/min), then for LServe
+`select_pages_for_step`, then `decode_attention`. A slot set's selection is recomputed on its visits whose count is a multiple of the interval and reused
 otherwise, as `llama.decode` does. The write is cheap (one token), but it makes every step read a
 cache the previous step wrote, so XLA can neither merge nor hoist the page gathers of the steps.
 Reported: median over calls / steps, which includes one loop iteration per layer step (the model
@@ -202,7 +202,7 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
 
 def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
     """`len(qs)` decode steps of layer 0, step i on slot set i % rotation (slots
-    (i % rotation) * batch + 0..batch-1): append, select (LServe), attend (DESIGN §1.4 1-3).
+    (i % rotation) * batch + 0..batch-1): append, select (LServe), attend.
 
     qs [steps, B, Hq, D]; new_kv [steps, 2, B, 1, Hkv, D]; lengths [B] tokens held, the newest
     at lengths - 1. Each step rewrites the newest token's K/V (and, in LServe mode, folds the key

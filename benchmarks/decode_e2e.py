@@ -1,4 +1,4 @@
-"""End-to-end decode per token, dense vs LServe, beside the weight-streaming floor (STYLE §12).
+"""End-to-end decode per token, dense vs LServe, beside the weight-streaming floor.
 
     python benchmarks/decode_e2e.py [--out PATH.jsonl] [--plot PATH.png] [--contexts 32768 ...]
                                     [--modes dense lserve] [--small]

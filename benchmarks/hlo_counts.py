@@ -1,4 +1,4 @@
-"""Compiled-HLO counts of one decode step, dense vs LServe: a regression guard (STYLE §12).
+"""Compiled-HLO counts of one decode step, dense vs LServe: a regression guard.
 
     python benchmarks/hlo_counts.py [--out PATH.jsonl] [--small]
 

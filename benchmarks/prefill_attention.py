@@ -1,4 +1,4 @@
-"""Prefill attention: our dense and LServe kernels vs cuDNN and XLA (DESIGN §1.2, STYLE §12).
+"""Prefill attention: our dense and LServe kernels (arXiv 2502.14866) vs cuDNN and XLA.
 
     python benchmarks/prefill_attention.py [--out PATH.jsonl] [--plot PATH.png]
                                            [--lengths 8192 32768] [--small]

@@ -1,5 +1,5 @@
 """Provenance and output of benchmark records, and the memory bandwidth they are measured
-against (STYLE §12).
+against.
 
     python benchmarks/provenance.py [--small]
 

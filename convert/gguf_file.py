@@ -1,6 +1,6 @@
 """Read a llama.cpp GGUF file: metadata -> `LlamaConfig`, tensors dequantized to float32.
 
-Two llama.cpp conventions are undone here (DESIGN §3):
+Two llama.cpp conventions are undone here:
 - ggml lists dimensions fastest-first (`ne`), the reverse of a NumPy shape: a `[out, in]` weight
   has `ne = [in, out]`. Its rows are still torch's `[out, in]` rows, so the table transposes.
 - `attn_q`/`attn_k` rows are permuted per head for interleaved ("GPT-J style") RoPE

@@ -1,4 +1,4 @@
-"""The strict, table-driven engine shared by every source format (STYLE principle 9).
+"""The strict, table-driven engine shared by every source format.
 
 A conversion table is a tuple of `Rule`s, one per kind of source tensor. A rule names the source
 tensor with a template (`{i}` stands for the layer index), the parameter it fills in the pytree of

@@ -3,7 +3,7 @@
 Two methods write DuoAttention's `full_attention_heads.tsv` (one row per layer, one gate per KV
 head, read by `lserve_jax.head_pattern`) plus `settings.json` beside it:
 
-* `duo` (default), DuoAttention's optimization (DESIGN §1.1): the model is frozen and each
+* `duo` (default), DuoAttention's optimization (arXiv 2410.10819): the model is frozen and each
   (layer, KV head) gets a gate α, initialised to 1. The attention output of the head's query
   group is α·full + (1 − α)·streaming (sink + recent tokens). The gates minimise the MSE between
   the final hidden states of the all-full model and of the gated model on the answer span of

@@ -131,7 +131,7 @@ class CalibrationSample:
 
 def multi_passkey_sample(tokenizer, rng: np.random.Generator, *, length: int, num_passkeys: int,
                          books: tuple[str, ...] = CALIBRATION_BOOKS) -> CalibrationSample:
-    """DuoAttention's synthetic retrieval sample (DESIGN §1.1) built from offline text.
+    """DuoAttention's synthetic retrieval sample (arXiv 2410.10819) built from offline text.
 
     A window of a calibration book with `num_passkeys` needles ("The pass key number 3 is
     48213.") at random depths, then a question and the answer listing every key in order. The

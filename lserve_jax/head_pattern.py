@@ -1,4 +1,4 @@
-"""DuoAttention head patterns: which KV heads are streaming heads (DESIGN §1.1).
+"""DuoAttention (arXiv 2410.10819) head patterns: which KV heads are streaming heads.
 
 A pattern file `full_attention_heads.tsv` (DuoAttention, arXiv 2410.10819, §3) holds one row per
 layer and one tab-separated gate α ∈ [0, 1] per KV head: α near 1 means the head needs the full
@@ -89,7 +89,7 @@ def num_streaming_heads(static_sparsity: float, num_heads: int) -> int:
 def streaming_heads_from_gates(gates, static_sparsity: float) -> tuple[tuple[bool, ...], ...]:
     """Classify KV heads: gates [num_layers, num_kv_heads] -> streaming[layer][kv_head].
 
-    DESIGN §1.1: τ = quantile(all α, static_sparsity); α ≥ τ -> dense, else streaming. Made exact:
+    The rule: τ = quantile(all α, static_sparsity); α ≥ τ -> dense, else streaming. Made exact:
     all heads are sorted by (α, flat index = layer * num_kv_heads + head) ascending with a stable
     sort, and the first `num_streaming_heads(static_sparsity, num_layers * num_kv_heads)` become
     streaming heads. Every dense head thus has α ≥ every streaming head's α; equal gates are split

@@ -103,7 +103,7 @@ class LLM:
 
     def _attention_config(self) -> AttentionConfig:
         """Dense, or LServe's unified sparse attention from the head pattern and the sparsity
-        knobs (DESIGN §1): Λ-masked streaming heads in prefill; in decode, sink + ring pages for
+        knobs (LServe §4): Λ-masked streaming heads in prefill; in decode, sink + ring pages for
         streaming heads and `token_budget` tokens of selected pages for dense heads."""
         if self.attention_mode == "dense":
             return AttentionConfig(mode="dense", impl=self.impl)

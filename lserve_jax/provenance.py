@@ -1,4 +1,4 @@
-"""Where a measured figure came from: the commit it measured (STYLE §12)."""
+"""Where a measured figure came from: the commit it measured."""
 
 from __future__ import annotations
 

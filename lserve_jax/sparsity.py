@@ -1,4 +1,4 @@
-"""LServe's sparsity knobs (DESIGN §1), validated once, named as in the paper."""
+"""LServe's sparsity knobs (arXiv 2502.14866), validated once, named as in the paper."""
 
 from __future__ import annotations
 
@@ -94,13 +94,13 @@ class SparsityConfig:
 
     @property
     def streaming_layout(self) -> StreamingLayout:
-        """Streaming-head pages per sequence in decode: sink pages + ring (DESIGN §1.3)."""
+        """Streaming-head pages per sequence in decode: sink pages + ring (LServe §4)."""
         return StreamingLayout(page_size=self.page_size, sink_tokens=self.dec_sink_tokens,
                                local_tokens=self.dec_local_tokens)
 
     @property
     def budget_pages(self) -> int:
-        """Pages a dense head attends per decode step (DESIGN §1.4)."""
+        """Pages a dense head attends per decode step (LServe, arXiv 2502.14866)."""
         return max(MIN_BUDGET_PAGES, self.token_budget // self.page_size)
 
     @classmethod

@@ -3,8 +3,8 @@
 `prefill_attention` runs over a whole (right-padded) prompt, `decode_attention` over the paged
 cache for one new token per sequence. `AttentionConfig.impl` picks the Pallas kernels or their
 plain-jnp references; `mode` picks dense attention or LServe's unified sparse attention: the
-streaming heads' Λ mask in prefill (DESIGN §1.2), and in decode the streaming heads' sink + ring
-pages and the dense heads' selected pages (DESIGN §1.3, §1.4).
+streaming heads' Λ mask in prefill (LServe §4), and in decode the streaming heads' sink + ring
+pages and the dense heads' selected pages (LServe, arXiv 2502.14866).
 
 Einsum alphabet used in models/: b batch, t query position, s key position, h query head,
 k KV head, g query head within a GQA group, d head dim, e model (hidden) dim.
@@ -79,7 +79,7 @@ class AttentionConfig:
                 and any(any(layer) for layer in self.streaming_heads))
 
     def streaming_layout(self, page_size: int) -> streaming_pool.StreamingLayout:
-        """Streaming heads' decode pages for this page size (DESIGN §1.3)."""
+        """Streaming heads' decode pages for this page size (LServe, arXiv 2502.14866)."""
         return streaming_pool.StreamingLayout(page_size=page_size,
                                               sink_tokens=self.dec_sink_tokens,
                                               local_tokens=self.dec_local_tokens)
@@ -113,7 +113,7 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_lens: jax.Ar
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D]; seq_lens [B] -> [B, T, Hq, D].
     Dense heads see all earlier tokens; in LServe mode, streaming heads see the sink and the
-    local window only (DESIGN §1.2). One kernel launch serves both kinds of head.
+    local window only (LServe, arXiv 2502.14866). One kernel launch serves both kinds of head.
     """
     streaming = jnp.asarray(config.layer_streaming(layer, k.shape[2]), jnp.int32)
     return sparse_prefill_attention(
@@ -143,7 +143,7 @@ def _pad_entries(x: jax.Array, capacity: int) -> jax.Array:
 def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
                      selected: jax.Array | None, *, layer: int, config: AttentionConfig
                      ) -> jax.Array:
-    """Attention of one new query per sequence over its pages (DESIGN §1.4 step 3).
+    """Attention of one new query per sequence over its pages (LServe, arXiv 2502.14866).
 
     q [B, Hq, D]; cache holds the layer's pools with the new token already written; slots [B];
     lengths [B] tokens to attend (including the new one); selected [B, Hsel, K] the dense heads'
@@ -225,7 +225,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
 def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
                           need: jax.Array, *, layer: int, config: AttentionConfig) -> jax.Array:
     """The dense heads' page lists for this decode step: recomputed for rows in `need`, the
-    stored selection for the others (selector reuse, DESIGN §1.4 step 2).
+    stored selection for the others (selector reuse, LServe, arXiv 2502.14866).
 
     q [B, Hq, D]; lengths [B] including the new token; need [B] bool. Returns
     [B, Hsel, K] page-table columns (see `page_selector.select_dense_pages`); histories not

@@ -1,10 +1,10 @@
 """The paged KV cache: a pytree of page pools, page tables and selector state, managed by pure
 functions.
 
-LServe keeps two pools per layer (DESIGN §1.3): dense heads store every token in pages that grow
-with the sequence, streaming heads store only their sink and a ring of recent pages. Array layouts
-(fixed here, used everywhere; Hd[l] / Hs[l] = dense / streaming KV heads of layer l, in KV-head
-order; in dense mode every head is a dense head):
+LServe (arXiv 2502.14866) keeps two pools per layer: dense heads store every token in pages
+that grow with the sequence, streaming heads store only their sink and a ring of recent pages.
+Array layouts (fixed here, used everywhere; Hd[l] / Hs[l] = dense / streaming KV heads of layer
+l, in KV-head order; in dense mode every head is a dense head):
 
     k[l], v[l]          [Hd[l], num_pages, page_size, head_dim]            dense-head pool
     kmax[l], kmin[l]    [Hd[l], num_pages, page_size / logical_page_size, head_dim]
@@ -181,8 +181,9 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     pool = lambda h, p: jnp.zeros((h, p, s, d), dtype)  # noqa: E731
     stats = spec.logical_page_size is not None
     per_page = s // (spec.logical_page_size or 1)
-    # Statistics are kept in the pool's dtype (16-bit for bf16/f16 models, DESIGN §1.6): the max
-    # and min of stored keys are exact in it, and a selection step reads half the bytes of f32.
+    # Statistics are kept in the pool's dtype (16-bit for bf16/f16 models, as LServe keeps
+    # them): the max and min of stored keys are exact in it, and a selection step reads half the
+    # bytes of f32.
     stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, dtype)  # noqa: E731
     if spec.has_streaming:
         n = spec.streaming_layout.num_pages
@@ -280,7 +281,7 @@ def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Ar
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
                      k: jax.Array, valid: jax.Array, *,
                      logical_page_size: int) -> tuple[jax.Array, jax.Array]:
-    """Fold new post-RoPE keys into the per-logical-page key statistics (DESIGN §1.3).
+    """Fold new post-RoPE keys into the per-logical-page key statistics (LServe, arXiv 2502.14866).
 
     kmax, kmin [H, P, L, D] with L = page_size // logical_page_size; pages, offsets [B, T] (from
     `token_pages`); k [B, T, H, D]; valid [B, T].
@@ -322,7 +323,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
                  streaming_heads: tuple[bool, ...], layout: StreamingLayout | None,
                  impl: str = "xla", interpret: bool = False) -> KVCache:
     """Store one layer's new keys/values: dense heads into the dense pool (and their key
-    statistics, when kept), streaming heads into their sink/ring pages (DESIGN §1.3, §1.5).
+    statistics, when kept), streaming heads into their sink/ring pages (LServe, arXiv 2502.14866).
 
     slots [B]; positions, valid [B, T]; lengths [B] tokens of each slot once these are written;
     k, v [B, T, Hkv, D] post-RoPE; streaming_heads: static flags of the layer's KV heads.

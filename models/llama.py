@@ -82,7 +82,7 @@ def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: in
                page_size: int, max_seqs: int, max_pages_per_seq: int, dtype: str = "float32",
                logical_page_size: int = 16) -> kv_cache.KVCacheSpec:
     """The cache this model needs under `attention`: in LServe mode, the dense/streaming head
-    split of the pattern, key statistics and the page selector's state (DESIGN §1.3)."""
+    split of the pattern, key statistics and the page selector's state (LServe §4)."""
     lserve = attention.mode == "lserve"
     streaming = attention.has_streaming
     per_query_head = lserve and attention.page_selection == "query_head"

@@ -1,4 +1,4 @@
-"""LServe's query-aware hierarchical page selector for dense heads in decode (DESIGN §1.4 step 2).
+"""LServe's query-aware hierarchical page selector for dense heads in decode (LServe §4; Quest).
 
 Quest (arXiv 2406.10774) keeps, per page and KV head, the element-wise max and min of the
 post-RoPE keys and bounds `q·k` over the page from above by `Σ_d max(q_d·kmax_d, q_d·kmin_d)`.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MIN_BUDGET_PAGES = 3  # DESIGN §1.4: K = max(3, token_budget / page_size)
+MIN_BUDGET_PAGES = 3  # LServe: K = max(3, token_budget / page_size)
 COMBINE_REDUCTIONS = ("max", "sum")
 
 
@@ -31,7 +31,7 @@ def logical_page_scores(q: jax.Array, kmax: jax.Array, kmin: jax.Array) -> jax.A
     Args:
       q: [B, Hq, D] post-RoPE query of the new token.
       kmax, kmin: [B, Hkv, P*L, D] element-wise max/min of the post-RoPE keys of each logical page
-        (DESIGN §1.3). Empty logical pages hold kmax = −inf, kmin = +inf; for every non-empty page
+        (LServe §4). Empty logical pages hold kmax = −inf, kmin = +inf; for every non-empty page
         kmax ≥ kmin element-wise (an invariant of the statistics, relied on below).
 
     Returns:
@@ -60,7 +60,7 @@ def logical_page_scores(q: jax.Array, kmax: jax.Array, kmin: jax.Array) -> jax.A
 
 
 def physical_page_scores(logical_scores: jax.Array, logical_pages_per_page: int) -> jax.Array:
-    """Hierarchical paging (LServe, DESIGN §1.4): a physical page scores its best logical page.
+    """Hierarchical paging (LServe, arXiv 2502.14866): a physical page scores its best logical page.
 
     Args:
       logical_scores: [B, H, P*L] (H query or KV heads), logical pages in sequence order.
@@ -79,7 +79,7 @@ def combine_query_heads(scores: jax.Array, num_kv_heads: int, *, reduce: str = "
     """Per-KV-head selection: one page list for the G query heads of a GQA group.
 
     LServe scores per query head; sharing the list lets the decode kernel load each selected page
-    once per group (DESIGN §1.4, "measure both"). The default `reduce="max"` keeps a page if it
+    once per group (the README measures both). The default `reduce="max"` keeps a page if it
     matters to *any* head of the group, so no head loses its single most relevant page to the
     others' consensus; `reduce="sum"` ranks by the group's total bound instead.
 
@@ -109,7 +109,7 @@ def _check_budget(budget_pages: int, keep_first_pages: int = 0) -> None:
 
 def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int,
                  keep_first_pages: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Pick at most K = budget_pages physical pages per (sequence, head) (DESIGN §1.4).
+    """Pick at most K = budget_pages physical pages per (sequence, head) (LServe, arXiv 2502.14866).
 
     Rule: with n = num_pages[b] (clipped to [0, P]),
       - n ≤ K: pages 0..n−1, no scoring;
@@ -124,7 +124,7 @@ def select_pages(scores: jax.Array, num_pages: jax.Array, budget_pages: int,
       scores: [B, H, P] physical page scores (H query heads or KV heads).
       num_pages: [B] int32, physical pages holding tokens per sequence (the last may be partial).
       budget_pages: static K ≥ 3.
-      keep_first_pages: static, 0 ≤ F ≤ K − 1 (0: DESIGN's rule).
+      keep_first_pages: static, 0 ≤ F ≤ K − 1 (0: LServe's rule).
 
     Returns:
       pages: [B, H, K] int32, ascending; unused slots hold page 0.

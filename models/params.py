@@ -10,7 +10,8 @@ Layout (weights stored `[in, out]` so that `x @ w` needs no transpose)::
      "lm_head": [H, V]}  # absent when tie_word_embeddings (logits use embed.T)
 
 Layers are a Python list, not a stacked array: the LServe head split gives every layer its own
-number of dense/streaming KV heads, so per-layer state has per-layer shapes (DESIGN §1.1, §2).
+number of dense/streaming KV heads, so per-layer state has per-layer shapes (README,
+"Layers unrolled in Python").
 """
 
 from __future__ import annotations

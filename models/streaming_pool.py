@@ -1,4 +1,4 @@
-"""Where streaming heads keep their KV in decode: sink pages plus a ring (DESIGN §1.3).
+"""Where streaming heads keep their KV in decode: sink pages plus a ring (LServe, arXiv 2502.14866).
 
 A streaming head only ever attends to the first `dec_sink_tokens` tokens and the last
 `dec_local_tokens` (Λ mask, LServe / DuoAttention), so each sequence owns a constant number of
@@ -92,7 +92,7 @@ def slot_positions(layout: StreamingLayout, lengths: jax.Array) -> tuple[jax.Arr
 def survives(layout: StreamingLayout, positions: jax.Array, lengths: jax.Array) -> jax.Array:
     """Whether the token at `positions` is still held after `lengths` tokens (broadcasting).
 
-    A prefill writes only these tokens (DESIGN §1.5): then no two writes share a slot, so the
+    A prefill writes only these tokens (LServe §4): then no two writes share a slot, so the
     result does not depend on the order a scatter applies duplicate indices in.
     """
     ring_capacity = layout.num_ring_pages * layout.page_size

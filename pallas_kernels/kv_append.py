@@ -1,5 +1,5 @@
-"""Append one decode token per sequence to a page pool, in place, in one launch (DESIGN §1.3,
-§1.4 step 1).
+"""Append one decode token per sequence to a page pool, in place, in one launch (LServe,
+arXiv 2502.14866).
 
 A decode step writes each sequence's new key and value into its page, and for the dense heads
 folds the key into its logical page's key max/min (the page selector's statistics, restarted on

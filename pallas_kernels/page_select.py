@@ -1,5 +1,5 @@
 """LServe's decode page selector as two row-gated kernels: Quest page scores, then top-K pages
-(DESIGN §1.4 step 2).
+(LServe §4; Quest).
 
 Quest (arXiv 2406.10774) bounds `q·k` over a page from above by `Σ_d max(q_d·kmax_d, q_d·kmin_d)`
 with the page's element-wise key max/min. LServe (arXiv 2502.14866, §4, "hierarchical paging")
@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MIN_BUDGET_PAGES = 3  # DESIGN §1.4: K = max(3, token_budget / page_size)
+MIN_BUDGET_PAGES = 3  # LServe: K = max(3, token_budget / page_size)
 # One program holds a whole row of keys in registers; 16384 pages (1M tokens of 64-token pages)
 # is 32 int32 per thread with 16 warps. Longer rows should use impl="xla".
 MAX_SELECT_PAGES = 16384

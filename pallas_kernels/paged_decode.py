@@ -1,5 +1,5 @@
-"""Paged decode attention over per-list page ranges in one or two pools, split-K (DESIGN §1.3,
-§1.4 step 3).
+"""Paged decode attention over per-list page ranges in one or two pools, split-K (LServe,
+arXiv 2502.14866).
 
 One decode step attends each query row to the keys named by a list of page entries. Entry i of
 list (b, h) contributes the keys at offsets `lo <= o < hi` of physical page `pages[b, h, i]` of

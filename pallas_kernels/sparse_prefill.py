@@ -1,4 +1,4 @@
-"""Unified sparse prefill attention: dense and streaming heads in one launch (DESIGN §1.2, §1.5).
+"""Unified sparse prefill attention: dense and streaming heads in one launch (LServe §4).
 
 LServe (arXiv 2502.14866, §3 and §4.1) runs causal prefill attention over all heads in a single
 kernel and lets each KV head pick its loop from an int32 flag:
@@ -337,7 +337,7 @@ def sparse_prefill_attention(q, k, v, streaming, *, sink_tokens, local_tokens, s
       q: [B, T, Hq, D]; k, v: [B, T, Hkv, D], Hq % Hkv == 0 (query head h uses KV head h // G).
         float32, bfloat16 or float16, all the same.
       streaming: [Hkv] bool/int, nonzero = streaming head (sink + local window only).
-      sink_tokens (>= 0), local_tokens (>= 1): the Λ mask of streaming heads (DESIGN §1.2).
+      sink_tokens (>= 0), local_tokens (>= 1): the Λ mask of streaming heads (LServe §4).
       seq_lens: [B] int32 lengths of right-padded prompts (None: all T). Rows past a length are
         don't-care but finite.
       sm_scale: logit scale, default 1/sqrt(D).

@@ -1,4 +1,5 @@
-"""DuoAttention head patterns (DESIGN §1.1): file format, exact streaming-head counts, tie-breaking."""
+"""DuoAttention head patterns (arXiv 2410.10819): file format, exact streaming-head counts,
+tie-breaking."""
 
 import re
 
@@ -103,7 +104,7 @@ def test_exact_streaming_counts(static_sparsity, shape):
     assert streaming.shape == shape
     assert streaming.sum() == int(round(static_sparsity * num_heads))
     if streaming.any() and not streaming.all():
-        # DESIGN §1.1: dense heads are exactly those at or above the threshold.
+        # Dense heads are exactly those at or above the threshold.
         assert gates[~streaming].min() >= gates[streaming].max()
 
 

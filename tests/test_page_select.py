@@ -1,4 +1,4 @@
-"""Row-gated page selector kernels (DESIGN §1.4 step 2): `page_scores` and `select_top_pages`
+"""Row-gated page selector kernels (LServe §4; Quest): `page_scores` and `select_top_pages`
 against their jnp references, `models.page_selector` and its NumPy oracle.
 
 Cases are built the way the model builds them: shuffled page tables with repeated physical pages

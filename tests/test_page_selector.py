@@ -1,4 +1,4 @@
-"""Page selector (DESIGN §1.4 step 2) against NumPy brute force: Quest bound, hierarchy, top-K rule."""
+"""Page selector (LServe; Quest) against NumPy brute force: Quest bound, hierarchy, top-K rule."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Paged decode attention (DESIGN §1.4 step 3): split-K kernel vs jnp reference vs brute force.
+"""Paged decode attention (LServe §4): split-K kernel vs jnp reference vs brute force.
 
 Page lists are built the way the model builds them: shuffled physical pages, dense-style entries
 covering a ragged length, a ring-style suffix [x, S) and prefix [0, y), and trailing padding

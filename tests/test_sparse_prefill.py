@@ -1,4 +1,4 @@
-"""Unified sparse prefill attention (DESIGN §1.2): Pallas kernel vs jnp reference vs naive masks.
+"""Unified sparse prefill attention (LServe §4): Pallas kernel vs jnp reference vs naive masks.
 
 `TestKernel` runs the Triton kernel in interpret mode on CPU with small tiles so that every tile
 boundary (partial sink tile, window start, diagonal, seq_len tail) is exercised; `TestKernelGpu`
