@@ -374,23 +374,27 @@ def decode_setup(mode: str, num_layers: int, small: bool):
     return config, attention, s, dtype, CONTEXT[small]
 
 
-def compile_decode(mode: str, num_layers: int, small: bool = True, *, donate: bool = True):
-    """The compiled decode step from abstract arguments; returns (compiled, cache shapes).
-    `donate=False` (tests only) leaves the cache undonated, which forces whole-pool copies."""
-    config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
-    pages_per_seq = context // s.page_size + 1  # the context and room for the next tokens
+def decode_args(config, attention, s, dtype, context) -> tuple:
+    """Abstract arguments of one decode step (params, cache, tokens, slots, active), batch 1,
+    with pages for the context and room for the next tokens plus the null page."""
+    pages_per_seq = context // s.page_size + 1
     spec = llama.cache_spec(config, attention, num_pages=pages_per_seq + 1,
                             page_size=s.page_size, max_seqs=1, max_pages_per_seq=pages_per_seq,
                             dtype=jnp.dtype(dtype).name, logical_page_size=s.logical_page_size)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
-    params = param_shapes(config, dtype)
     ids = jax.ShapeDtypeStruct((1,), jnp.int32)
-    active = jax.ShapeDtypeStruct((1,), jnp.bool_)
+    return param_shapes(config, dtype), cache, ids, ids, jax.ShapeDtypeStruct((1,), jnp.bool_)
+
+
+def compile_decode(mode: str, num_layers: int, small: bool = True, *, donate: bool = True):
+    """The compiled decode step from abstract arguments; returns (compiled, cache shapes).
+    `donate=False` (tests only) leaves the cache undonated, which forces whole-pool copies."""
+    config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
+    args = decode_args(config, attention, s, dtype, context)
     step = jax.jit(llama.decode, static_argnames=("config", "attention"),
                    donate_argnames=("cache",) if donate else ())
-    compiled = step.lower(params, cache, ids, ids, active, config=config,
-                          attention=attention).compile()
-    return compiled, cache
+    compiled = step.lower(*args, config=config, attention=attention).compile()
+    return compiled, args[1]
 
 
 def count_decode_hlo(mode: str, num_layers: int, small: bool = True) -> dict:
@@ -449,15 +453,8 @@ def count_pallas_path(mode: str, num_layers: int, small: bool = True) -> dict:
     kernel of its own on a GPU)."""
     config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
     attention = dataclasses.replace(attention, impl="pallas", interpret=False)
-    pages_per_seq = context // s.page_size + 1
-    spec = llama.cache_spec(config, attention, num_pages=pages_per_seq + 1,
-                            page_size=s.page_size, max_seqs=1, max_pages_per_seq=pages_per_seq,
-                            dtype=jnp.dtype(dtype).name, logical_page_size=s.logical_page_size)
-    cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
-    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
-    active = jax.ShapeDtypeStruct((1,), jnp.bool_)
     closed = jax.make_jaxpr(functools.partial(llama.decode, config=config, attention=attention))(
-        param_shapes(config, dtype), cache, ids, ids, active)
+        *decode_args(config, attention, s, dtype, context))
     counts = collections.Counter()
     _walk_jaxpr(closed.jaxpr, counts)
     kernels = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("pallas_call:")}

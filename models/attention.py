@@ -164,7 +164,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
     per_query_head = selected is not None and selected.shape[1] != len(dense)
     lists_per_head, rows = (g, 1) if per_query_head else (1, g)
     num_pages = (lengths + page_size - 1) // page_size  # [B]
-    layout = config.streaming_layout(page_size) if stream else None
+    parts, pools = [], []  # (pages, lo, hi, num_entries) of the dense lists, then streaming
     if dense:
         table = cache.page_table[slots]  # [B, P]
         if selected is None:  # every page, one list per KV head
@@ -177,12 +177,10 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
         pages_d = jnp.take_along_axis(table[:, None, :], columns, axis=2)  # [B, Ld, Kd]
         hi_d = jnp.clip(lengths[:, None, None] - columns * page_size, 0, page_size)
         count_d = jnp.broadcast_to(dense_count[:, None], columns.shape[:2])
-    capacity = max(columns.shape[2] if dense else 0, layout.num_pages if stream else 0)
-    parts, pools = [], []  # (pages, lo, hi, num_entries) of the dense lists, then streaming
-    if dense:
         parts.append((pages_d, jnp.zeros_like(pages_d), hi_d.astype(jnp.int32), count_d))
         pools.append((cache.k[layer], cache.v[layer]))
     if stream:
+        layout = config.streaming_layout(page_size)
         lo_s, hi_s = streaming_pool.page_ranges(layout, lengths)  # [B, n]
         shape = (b, len(stream) * lists_per_head, layout.num_pages)
         widen = lambda x: jnp.broadcast_to(x[:, None], shape)  # noqa: E731
@@ -213,6 +211,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
             for part, pool, first in zip(parts, pools, firsts)]
         out = jnp.concatenate(outs, axis=1)[:, order]
     else:
+        capacity = max(part[0].shape[2] for part in parts)
         pages, lo, hi, counts = (
             jnp.concatenate([_pad_entries(part[i], capacity) if i < 3 else part[i]
                              for part in parts], axis=1)[:, order] for i in range(4))
