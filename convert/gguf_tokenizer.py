@@ -12,6 +12,10 @@ A GGUF carries no tokenizer.json, only llama.cpp's `tokenizer.ggml.*` keys. For 
 - CONTROL tokens (token_type 3) as special AddedTokens, USER_DEFINED (4) as plain AddedTokens,
   so `<|im_start|>` is never cut into pieces; ByteLevel decoder;
 - BOS/EOS added by a post-processor only when `tokenizer.ggml.add_bos_token`/`add_eos_token` say so.
+
+The tokenizer is built when the file is opened (`prepare_gguf_tokenizer`), so bad tokenizer
+metadata fails before any weight is converted. `metadata` reads a key with its GGUF type checked;
+gguf_file.py uses it too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
@@ -60,9 +65,45 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def _meta(reader: gguf.GGUFReader, key: str, default=None):
+_INTS = frozenset({gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16,
+                   gguf.GGUFValueType.INT16, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32,
+                   gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64})
+_FLOATS = frozenset({gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64})
+# kind -> (GGUF value types accepted, its name in errors, the plural for arrays of it)
+_KINDS = {
+    "int": (_INTS, "an integer", "integers"),
+    "float": (_INTS | _FLOATS, "a float", "floats"),
+    "str": (frozenset({gguf.GGUFValueType.STRING}), "a string", "strings"),
+    "bool": (frozenset({gguf.GGUFValueType.BOOL}), "a bool", "bools"),
+}
+
+
+def metadata(reader: gguf.GGUFReader, key: str, kind: str, default=None):
+    """The value of metadata `key`, `default` when absent; kind: "int", "float", "str", "bool",
+    or "list[<kind>]" for an array of those.
+
+    GGUF values are typed; one of another type (a string where a count belongs) means a broken
+    or foreign file, so it raises ConversionError naming the key instead of being coerced.
+    """
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    types = field.types
+    if kind.startswith("list["):
+        accepted, _, plural = _KINDS[kind[5:-1]]
+        # An empty array records no element type.
+        ok = types[0] == gguf.GGUFValueType.ARRAY and (len(types) == 1 or types[1] in accepted)
+        what = f"an array of {plural}"
+    else:
+        accepted, what, _ = _KINDS[kind]
+        ok = types[0] in accepted
+    if not ok:
+        got = types[0].name
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            got = f"an ARRAY of {types[1].name}" if len(types) > 1 else "an empty ARRAY"
+        raise ConversionError(f"GGUF metadata key {key!r} is {got}, but should be {what}")
+    value = field.contents()
+    return float(value) if kind == "float" else value
 
 
 def build_byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int],
@@ -101,34 +142,43 @@ def build_byte_level_bpe(tokens: list[str], merges: list[str], token_types: list
     return tok
 
 
-def write_gguf_tokenizer(reader: gguf.GGUFReader, out: Path) -> list[str]:
-    """Write `tokenizer.json` and `tokenizer_config.json` into `out`; returns the names written.
+def prepare_gguf_tokenizer(reader: gguf.GGUFReader) -> Callable[[Path], list[str]]:
+    """Check the tokenizer metadata and build the tokenizer now; returns the function that writes
+    `tokenizer.json` and `tokenizer_config.json` into a directory and returns the names written.
 
     Tokenizers other than byte-level BPE are skipped with a warning: the weights still convert.
     """
-    model = _meta(reader, "tokenizer.ggml.model")
+    model = metadata(reader, "tokenizer.ggml.model", "str")
     if model != "gpt2":
         warnings.warn(f"GGUF tokenizer.ggml.model={model!r} is not supported (only 'gpt2' "
                       "byte-level BPE); no tokenizer written")
-        return []
-    tokens = _meta(reader, "tokenizer.ggml.tokens")
-    merges = _meta(reader, "tokenizer.ggml.merges", [])
-    token_types = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        return lambda out: []
+    tokens = metadata(reader, "tokenizer.ggml.tokens", "list[str]")
+    if tokens is None:
+        raise ConversionError("GGUF metadata lacks 'tokenizer.ggml.tokens', which a 'gpt2' "
+                              "tokenizer needs")
+    merges = metadata(reader, "tokenizer.ggml.merges", "list[str]", [])
+    token_types = metadata(reader, "tokenizer.ggml.token_type", "list[int]")
+    if token_types is None:
+        token_types = [1] * len(tokens)
+    elif len(token_types) != len(tokens):
+        raise ConversionError(f"'tokenizer.ggml.token_type' has {len(token_types)} entries for "
+                              f"{len(tokens)} tokens")
     named = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                       ("pad_token", "padding")):
-        index = _meta(reader, f"tokenizer.ggml.{key}_token_id")
-        named[name] = tokens[index] if index is not None and index < len(tokens) else None
+        index = metadata(reader, f"tokenizer.ggml.{key}_token_id", "int")
+        named[name] = tokens[index] if index is not None and 0 <= index < len(tokens) else None
     try:
         tok = build_byte_level_bpe(tokens, merges, token_types,
-                                   _meta(reader, "tokenizer.ggml.pre"),
+                                   metadata(reader, "tokenizer.ggml.pre", "str"),
                                    [t for t in named.values() if t is not None])
     except Exception as e:  # tokenizers raises bare Exception for inconsistent vocab/merges
         raise ConversionError(f"cannot build a tokenizer from the GGUF metadata: {e}") from None
-    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False))
+    add_bos = metadata(reader, "tokenizer.ggml.add_bos_token", "bool", False)
+    add_eos = metadata(reader, "tokenizer.ggml.add_eos_token", "bool", False)
     if (add_bos and named["bos_token"] is None) or (add_eos and named["eos_token"] is None):
-        raise ConversionError("GGUF asks to add BOS/EOS but names no such token")
+        raise ConversionError("GGUF metadata asks to add BOS/EOS but names no such token")
     if add_bos or add_eos:
         bos = [named["bos_token"]] if add_bos else []
         eos = [named["eos_token"]] if add_eos else []
@@ -138,14 +188,19 @@ def write_gguf_tokenizer(reader: gguf.GGUFReader, out: Path) -> list[str]:
             pair=" ".join([*bos, "$A", *eos, *bos, "$B:1", *eos]),
             special_tokens=list(ends.items()),
         )
-    tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **named,
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "chat_template": _meta(reader, "tokenizer.chat_template"),
+        "chat_template": metadata(reader, "tokenizer.chat_template", "str"),
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    return ["tokenizer.json", "tokenizer_config.json"]
+
+    def write(out: Path) -> list[str]:
+        tok.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2,
+                                                              ensure_ascii=False))
+        return ["tokenizer.json", "tokenizer_config.json"]
+
+    return write
