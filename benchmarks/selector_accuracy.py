@@ -5,7 +5,7 @@
 
 Model: the embedded SmolLM2-135M-Instruct (f32), every KV head a dense head (no streaming
 pattern), so only the page selector decides what decode attends to; the prefill is dense. For
-each prompt length (in filler paragraphs: 45 is about 850 tokens, 110 about 2,100) and depth, a
+each prompt length (in filler paragraphs: 45 is 1,133 tokens, 110 is 2,693) and depth, a
 plain-completion passkey prompt (tests/test_smollm2.py's form); all prompts run as one ragged
 batch per prompt length and configuration. Configurations: dense decode, then LServe with each token budget and
 `page_selection` in {kv_head, query_head}, `selector_interval` 4.

@@ -1,7 +1,11 @@
 """Jitted device steps of generation: prefill + first token, then many decode steps in one loop.
 
 The whole state is one pytree (`DecodeState`) that goes in and comes out donated. The host only
-ever pulls back `out_tokens`, `num_generated` and `done`.
+ever pulls back `out_tokens`, `num_generated`, `done` and `error_at`.
+
+Every step checks each row's logits with one `isfinite` reduction: a row whose logits hold a NaN
+or an inf (a damaged checkpoint, an overflow) stops there without emitting that token, and
+`error_at` records which generated token it was; the other rows go on unaffected.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class DecodeState:
     max_tokens   [B] int32   per-row generation limit (<= N)
     stop_ids     [B, M] int32 ids that end a row (EOS and user stops), -1 padded
     done         [B] bool
+    error_at     [B] int32   index of the generated token whose logits were not finite, -1: none
     step         [] int32    decode steps run so far (PRNG stream position)
     sampling     per-row sampling settings
     """
@@ -43,12 +48,18 @@ class DecodeState:
     max_tokens: jax.Array
     stop_ids: jax.Array
     done: jax.Array
+    error_at: jax.Array
     step: jax.Array
     sampling: SamplingArrays
 
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == stop_ids, axis=-1)
+
+
+def _not_finite(logits: jax.Array) -> jax.Array:
+    """[B, V] -> [B] bool: the row holds a NaN or an inf."""
+    return ~jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "capacity"),
@@ -61,12 +72,14 @@ def start(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array, 
     cache, logits = llama.prefill(params, cache, tokens, seq_lens, slots,
                                   config=config, attention=attention)
     first = sample(logits, sampling, jnp.int32(0))
+    bad = _not_finite(logits)
     b = tokens.shape[0]
-    out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((b, capacity), -1, jnp.int32).at[:, 0].set(jnp.where(bad, -1, first))
     return DecodeState(
         cache=cache, slots=slots, last_token=first, out_tokens=out,
-        num_generated=jnp.ones((b,), jnp.int32), max_tokens=max_tokens, stop_ids=stop_ids,
-        done=_is_stop(first, stop_ids) | (max_tokens <= 1), step=jnp.int32(1), sampling=sampling)
+        num_generated=jnp.where(bad, 0, 1).astype(jnp.int32), max_tokens=max_tokens,
+        stop_ids=stop_ids, done=bad | _is_stop(first, stop_ids) | (max_tokens <= 1),
+        error_at=jnp.where(bad, 0, -1).astype(jnp.int32), step=jnp.int32(1), sampling=sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
@@ -86,14 +99,19 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
                                      config=config, attention=attention)
         token = sample(logits, s.sampling, s.step)
-        token = jnp.where(active, token, s.last_token)
+        bad = active & _not_finite(logits)
+        emit = active & ~bad
+        token = jnp.where(emit, token, s.last_token)
         rows = jnp.arange(token.shape[0])
-        col = jnp.where(active, s.num_generated, s.out_tokens.shape[1])  # out of range: dropped
+        col = jnp.where(emit, s.num_generated, s.out_tokens.shape[1])  # out of range: dropped
         out = s.out_tokens.at[rows, col].set(token, mode="drop")
-        num_generated = s.num_generated + active.astype(jnp.int32)
-        done = s.done | (active & (_is_stop(token, s.stop_ids) | (num_generated >= s.max_tokens)))
+        num_generated = s.num_generated + emit.astype(jnp.int32)
+        done = s.done | bad | (emit & (_is_stop(token, s.stop_ids)
+                                       | (num_generated >= s.max_tokens)))
+        error_at = jnp.where(bad, s.num_generated, s.error_at)
         return i + 1, s.replace(cache=cache, last_token=token, out_tokens=out,
-                                num_generated=num_generated, done=done, step=s.step + 1)
+                                num_generated=num_generated, done=done, error_at=error_at,
+                                step=s.step + 1)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state

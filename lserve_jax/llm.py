@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lserve_jax import decode_loop, head_pattern
+from lserve_jax import decode_loop, head_pattern, inputs
 from lserve_jax.sampling import SamplingArrays, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
@@ -35,7 +35,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (stop/EOS token) or "length" (max_tokens or context full)
+    # "stop" (stop/EOS token), "length" (max_tokens or context full) or "error" (`error` says why)
+    finish_reason: str
+    error: str | None = None
 
 
 @dataclasses.dataclass
@@ -72,14 +74,17 @@ class LLM:
     ckpt: a converted checkpoint directory, a HF checkpoint directory, a `.gguf` file (both
     converted on first use into a cache), or None for the embedded SmolLM2-135M-Instruct.
     attention: "dense" or "lserve". dtype: "float32", "bfloat16" or "float16".
-    impl: "pallas" or "xla" (default: pallas on GPU). Remaining keyword arguments are LServe's
+    impl: "pallas" or "xla" (default: pallas on GPU). verify: check every file's checksum
+    before loading (sizes are always checked; checksums on the first load after a conversion;
+    README "Checkpoint integrity"). Remaining keyword arguments are LServe's
     sparsity knobs (see `SparsityConfig`). With attention="lserve" and no `head_pattern`, the
     embedded model uses its shipped calibrated pattern (lserve_jax/attn_patterns/); other
     checkpoints then treat every head as dense.
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
-                 dtype: str = "float32", impl: str | None = None, **sparsity_knobs):
+                 dtype: str = "float32", impl: str | None = None, verify: bool = False,
+                 **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
         if dtype not in DTYPES:
@@ -94,8 +99,8 @@ class LLM:
         from lserve_jax import checkpoint  # orbax is slow to import; only LLM needs it
 
         self._ckpt = ckpt
-        path = checkpoint.resolve_checkpoint(ckpt, dtype=dtype)
-        self.config, self.params, self.tokenizer = checkpoint.load_checkpoint(path, dtype=dtype)
+        path, self.config, self.params, self.tokenizer = checkpoint.load_model(
+            ckpt, dtype=dtype, verify=verify)
         self.checkpoint_path = path
         self.attention = self._attention_config()
         self.stats = GenerationStats()
@@ -105,9 +110,14 @@ class LLM:
         """Dense, or LServe's unified sparse attention from the head pattern and the sparsity
         knobs (LServe §4): Λ-masked streaming heads in prefill; in decode, sink + ring pages for
         streaming heads and `token_budget` tokens of selected pages for dense heads."""
-        if self.attention_mode == "dense":
-            return AttentionConfig(mode="dense", impl=self.impl)
         s = self.sparsity
+        if self.attention_mode == "dense":
+            if s.head_pattern is not None:  # unused, but a bad file is still an error
+                head_pattern.streaming_heads_for_model(
+                    s.head_pattern, s.static_sparsity, self.config.num_layers,
+                    self.config.num_kv_heads)
+                log.warning("head_pattern %s is only used with attention='lserve'", s.head_pattern)
+            return AttentionConfig(mode="dense", impl=self.impl)
         streaming = None
         pattern = s.head_pattern or head_pattern.default_pattern(self._ckpt)
         if pattern is None:
@@ -133,15 +143,13 @@ class LLM:
                  stream_interval: int = 8) -> list[RequestOutput]:
         """Generate a continuation for each prompt.
 
-        prompts: strings (needs a tokenizer) or lists of token ids. sampling_params: one for all
-        prompts or one per prompt. `on_tokens(row, new_ids)` is called after every
-        `stream_interval` decode steps with the ids each row gained (for streaming).
+        prompts: a string, a list of token ids (one prompt), or a list of strings (needs a
+        tokenizer) and/or token-id lists. sampling_params: one for all prompts or one per prompt.
+        `on_tokens(row, new_ids)` is called after every `stream_interval` (>= 1) decode steps
+        with the ids each row gained (for streaming). A row whose logits turn non-finite ends
+        with finish_reason "error" and `error` naming the token; the other rows are unaffected.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts is empty")
+        prompts = inputs.normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -149,13 +157,14 @@ class LLM:
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
-        texts, ids = zip(*(self._prompt_ids(p) for p in prompts))
-        out_ids, reasons = self.generate_ids(list(ids), sampling_params, on_tokens=on_tokens,
-                                             stream_interval=stream_interval)
+        texts, ids = zip(*(self._prompt_ids(p, i) for i, p in enumerate(prompts)))
+        out_ids, reasons, errors = self.generate_ids(list(ids), sampling_params,
+                                                     on_tokens=on_tokens,
+                                                     stream_interval=stream_interval)
         return [RequestOutput(prompt=text, prompt_token_ids=list(pid), token_ids=o,
                               text=self.tokenizer.decode(o) if self.tokenizer else None,
-                              finish_reason=r)
-                for text, pid, o, r in zip(texts, ids, out_ids, reasons)]
+                              finish_reason=r, error=e)
+                for text, pid, o, r, e in zip(texts, ids, out_ids, reasons, errors)]
 
     def chat_prompt(self, message: str) -> str:
         """Render one user message with the tokenizer's chat template."""
@@ -166,25 +175,22 @@ class LLM:
 
     # ---- host-side planning --------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+    def _prompt_ids(self, prompt, index: int = 0) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass prompts as token-id lists")
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__len__"):
+            raise TypeError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a string "
+                            "or a list of token ids")
         else:
-            ids, text = [int(t) for t in prompt], None
-        if not ids:
-            raise ValueError("a prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) >= self.config.max_position_embeddings:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.config.max_position_embeddings} (needs room for >= 1 new token)")
+            ids, text = prompt, None
+        ids = inputs.check_prompt_ids(ids, vocab_size=self.config.vocab_size,
+                                      context=self.config.max_position_embeddings, index=index)
         return text, ids
 
     def _stop_ids(self, sp: SamplingParams) -> list[int]:
+        inputs.check_token_ids("stop_token_ids", sp.stop_token_ids, self.config.vocab_size)
         ids = list(sp.stop_token_ids)
         if not sp.ignore_eos:
             ids += list(self.config.eos_token_ids)
@@ -193,8 +199,13 @@ class LLM:
         return sorted(set(ids))
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling_params: list[SamplingParams], *,
-                     on_tokens=None, stream_interval: int = 8) -> tuple[list[list[int]], list[str]]:
-        """Token ids in, generated token ids and finish reasons out (see `generate`)."""
+                     on_tokens=None, stream_interval: int = 8
+                     ) -> tuple[list[list[int]], list[str], list[str | None]]:
+        """Token ids in; generated token ids, finish reasons and error messages (None unless
+        the finish reason is "error") out (see `generate`)."""
+        stream_interval = inputs.check_stream_interval(stream_interval)
+        if on_tokens is not None and not callable(on_tokens):
+            raise TypeError(f"on_tokens={on_tokens!r} must be callable")
         b = len(prompt_ids)
         lens = np.array([len(p) for p in prompt_ids], np.int32)
         context = self.config.max_position_embeddings
@@ -219,7 +230,7 @@ class LLM:
         for i, p in enumerate(prompt_ids):
             tokens[i, :len(p)] = p
         stops = [self._stop_ids(sp) for sp in sampling_params]
-        stop_ids = np.full((b, max(1, max(len(s) for s in stops))), -1, np.int32)
+        stop_ids = np.full((b, inputs.stop_id_width(max(len(s) for s in stops))), -1, np.int32)
         for i, s in enumerate(stops):
             stop_ids[i, :len(s)] = s
         sampling = self._sampling_arrays(sampling_params)
@@ -240,7 +251,8 @@ class LLM:
         run = None
         decode_start = time.perf_counter()
         while True:
-            out, num, done = jax.device_get((state.out_tokens, state.num_generated, state.done))
+            out, num, done, error_at = jax.device_get(
+                (state.out_tokens, state.num_generated, state.done, state.error_at))
             if on_tokens is not None:
                 for row in range(b):
                     if num[row] > seen[row]:
@@ -255,23 +267,35 @@ class LLM:
                 decode_start += time.perf_counter() - pause
             state = run(self.params, state)
         stats.decode_s = time.perf_counter() - decode_start
-        stats.decode_tokens = int(num.sum() - b)  # the first token of each row came from prefill
+        # The first token of each row came from prefill (unless its logits were not finite).
+        stats.decode_tokens = int(np.maximum(num - 1, 0).sum())
         self.stats = stats
-        outputs, reasons = [], []
+        outputs, reasons, errors = [], [], []
         for row in range(b):
             ids = out[row, :num[row]].tolist()
             outputs.append(ids)
-            reasons.append("stop" if ids and ids[-1] in stops[row] else "length")
-        return outputs, reasons
+            if error_at[row] >= 0:
+                reasons.append("error")
+                where = "the prefill" if error_at[row] == 0 else f"decode step {error_at[row]}"
+                errors.append(f"prompt {row}: non-finite logits (NaN or inf) in {where}, for "
+                              f"generated token {error_at[row]}; generation stopped after "
+                              f"{num[row]} tokens. The checkpoint may be damaged (check it with "
+                              "--verify) or the computation overflowed (try float32)")
+                log.error(errors[-1])
+            else:
+                reasons.append("stop" if ids and ids[-1] in stops[row] else "length")
+                errors.append(None)
+        return outputs, reasons, errors
 
     def _sampling_arrays(self, sampling_params: list[SamplingParams]) -> SamplingArrays:
-        seeds = [sp.seed if sp.seed is not None else int(np.random.randint(0, 2**31 - 1))
+        rng = np.random.default_rng()
+        seeds = [sp.seed if sp.seed is not None else int(rng.integers(0, inputs.SEED_LIMIT))
                  for sp in sampling_params]
         return SamplingArrays(
             temperature=jnp.asarray([sp.temperature for sp in sampling_params], jnp.float32),
             top_k=jnp.asarray([max(sp.top_k, 0) for sp in sampling_params], jnp.int32),
             top_p=jnp.asarray([sp.top_p for sp in sampling_params], jnp.float32),
-            keys=jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+            keys=jnp.asarray(np.stack([inputs.seed_key(s) for s in seeds])))
 
     def _compile(self, fn, stats: GenerationStats, args: tuple, static: dict):
         """Ahead-of-time compile `fn` for these argument shapes, once; log and time it."""

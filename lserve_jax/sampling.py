@@ -10,15 +10,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+from lserve_jax import inputs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens for one prompt (vLLM's names and defaults).
 
-    temperature 0 means greedy; top_k 0 (or -1) and top_p 1.0 mean no truncation; `seed` makes a
-    sampled continuation reproducible; `stop_token_ids` end generation besides the model's EOS.
+    temperature 0 means greedy; top_k 0 (or -1) and top_p 1.0 mean no truncation; `seed` (an
+    int in [0, 2**63)) makes a sampled continuation reproducible; `stop_token_ids` end generation
+    besides the model's EOS. Values are checked here (lserve_jax/inputs.py); stop ids are checked
+    against the vocabulary when the model is known.
     """
 
     max_tokens: int = 16
@@ -30,15 +35,21 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an int >= 1")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 or -1: disabled)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        inputs.check_int("max_tokens", self.max_tokens, minimum=1)
+        inputs.check_float("temperature", self.temperature, minimum=0)
+        if inputs.check_int("top_k", self.top_k) < -1:
+            raise ValueError(f"top_k={self.top_k!r} must be >= 0 (0 or -1: disabled)")
+        inputs.check_float("top_p", self.top_p, above=0, maximum=1)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", inputs.check_seed(self.seed))
+        stops = inputs.check_token_ids("stop_token_ids", self.stop_token_ids)
+        bad = [t for t in stops if not 0 <= t < 2**31]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are not token ids (must be >= 0; the "
+                             "model's vocabulary bounds them further)")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise TypeError(f"ignore_eos={self.ignore_eos!r} must be a bool")
 
 
 @struct.dataclass

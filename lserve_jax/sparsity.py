@@ -12,7 +12,9 @@ from models.streaming_pool import StreamingLayout
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparsityConfig:
-    """Knobs of LServe's unified sparse attention, with LServe's defaults.
+    """Knobs of LServe's unified sparse attention. Defaults are LServe's, except
+    `page_selection` ("kv_head"; LServe selects per query head) and `keep_first_pages` (1;
+    LServe's rule is 0), both chosen on measurements (README).
 
     page_size            physical KV page, tokens
     logical_page_size    page-selector granularity (divides page_size)
@@ -21,7 +23,8 @@ class SparsityConfig:
     ctx_local_tokens     Λ mask local window in prefill (includes the current token)
     dec_sink_tokens      sink kept for streaming heads in decode (multiple of page_size)
     dec_local_tokens     local window kept in decode (multiple of page_size)
-    token_budget         tokens attended per dense head per decode step (multiple of page_size)
+    token_budget         tokens attended per dense head per decode step (a multiple of
+                         page_size, at least 3 pages: LServe's minimum)
     selector_interval    recompute the page selection every N decode steps
     page_selection       "kv_head": one page list per KV head (the GQA group's query heads
                          combined, each page loaded once per group); "query_head": one per
@@ -60,6 +63,9 @@ class SparsityConfig:
         logical_page_size = self.logical_page_size
         if logical_page_size < 1 or page_size % logical_page_size:
             raise ValueError(f"{logical_page_size=} must be >= 1 and divide {page_size=}")
+        if isinstance(self.static_sparsity, bool) or not isinstance(self.static_sparsity,
+                                                                    (int, float)):
+            raise ValueError(f"static_sparsity={self.static_sparsity!r} must be a number")
         if not 0.0 <= self.static_sparsity <= 1.0:
             raise ValueError(f"static_sparsity={self.static_sparsity!r} must be in [0, 1]")
         if self.ctx_sink_tokens < 0:
@@ -74,6 +80,10 @@ class SparsityConfig:
         token_budget = self.token_budget
         if token_budget < page_size or token_budget % page_size:
             raise ValueError(f"{token_budget=} must be a positive multiple of {page_size=}")
+        if token_budget < MIN_BUDGET_PAGES * page_size:
+            raise ValueError(f"{token_budget=} is below LServe's minimum budget of "
+                             f"{MIN_BUDGET_PAGES} pages ({MIN_BUDGET_PAGES * page_size} tokens at "
+                             f"{page_size=})")
         if self.selector_interval < 1:
             raise ValueError(f"selector_interval={self.selector_interval} must be >= 1")
         if not 0 <= self.keep_first_pages < self.budget_pages:
@@ -101,7 +111,7 @@ class SparsityConfig:
     @property
     def budget_pages(self) -> int:
         """Pages a dense head attends per decode step (LServe, arXiv 2502.14866)."""
-        return max(MIN_BUDGET_PAGES, self.token_budget // self.page_size)
+        return self.token_budget // self.page_size
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

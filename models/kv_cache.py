@@ -20,9 +20,10 @@ l, in KV-head order; in dense mode every head is a dense head):
                         of each slot (models/streaming_pool.py); fixed at init, because every
                         sequence owns the same constant number of them
 
-    selected[l]         [max_seqs, Hsel[l], budget_pages] int32: logical page *indices* (column
-                        of page_table) each dense head attends to, ascending; Hsel[l] = Hd[l] for
-                        per-KV-head selection, Hd[l] * G for per-query-head selection
+    selected[l]         [max_seqs, Hsel[l], budget_pages] int32: page-table *columns* (a
+                        sequence's page numbers, not pool page ids and not the 16-token logical
+                        pages of the statistics) each dense head attends to, ascending;
+                        Hsel[l] = Hd[l] for per-KV-head selection, Hd[l] * G per query head
     selected_num_pages  [max_seqs] int32: pages the slot had when `selected` was computed
                         (-1: never); entries at or past it are unused
     decode_steps        [max_seqs] int32: decode steps since the prefill (the selector's clock,
@@ -40,6 +41,7 @@ later join and leave a running batch.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -214,46 +216,85 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     )
 
 
+def _concrete_int(x) -> int | None:
+    """`x` as a Python int when its value is known now; None when it is traced (under jit)."""
+    return None if isinstance(x, jax.core.Tracer) else operator.index(x)
+
+
+def _check_slot(cache: KVCache, slot, fn: str) -> jax.Array:
+    """Raise ValueError for a concrete slot outside [0, max_seqs); return the traced validity.
+
+    Out-of-range indices must never reach an indexing op: JAX wraps negative indices and clamps
+    out-of-range gathers, so a bad slot would silently address another sequence's row.
+    """
+    s = _concrete_int(slot)
+    if s is not None and not 0 <= s < cache.max_seqs:
+        raise ValueError(f"{fn}: slot={s} is out of range; valid slots are "
+                         f"0..{cache.max_seqs - 1} (max_seqs={cache.max_seqs})")
+    return (slot >= 0) & (slot < cache.max_seqs)
+
+
 def reserve(cache: KVCache, slot: jax.Array, num_tokens: jax.Array) -> tuple[KVCache, jax.Array]:
     """Own enough pages in `slot` to hold `num_tokens` tokens in total.
 
     Pages are taken lowest-id first from the free set. Returns `(cache, ok)`; when the pool or the
     slot's page-table row is too small, `ok` is False and the cache comes back unchanged, so a
     failed request never disturbs other sequences. Usable inside and outside jit.
+
+    Invalid input: with concrete arguments, a slot outside [0, max_seqs) or a negative
+    `num_tokens` raises ValueError. Traced arguments cannot raise, so there they give `ok` False
+    and the cache unchanged, like a request that does not fit (counts up to the int32 maximum
+    included: the page count is computed without overflow).
     """
+    valid_slot = _check_slot(cache, slot, "reserve")
+    n = _concrete_int(num_tokens)
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"reserve: num_tokens={n} must be >= 0")
+        # Every count past the row's capacity fails alike; saturating keeps it within int32.
+        num_tokens = min(n, cache.max_pages_per_seq * cache.page_size + 1)
     page_size = cache.page_size
-    have = cache.num_reserved[slot]
-    need = jnp.maximum((num_tokens + page_size - 1) // page_size - have, 0)
-    fits_row = have + need <= cache.max_pages_per_seq
-    fits_pool = need <= jnp.sum(cache.free)
-    ok = fits_row & fits_pool & (num_tokens >= 0)
+    row_index = jnp.where(valid_slot, slot, 0)  # a real row to read; discarded unless valid_slot
+    have = cache.num_reserved[row_index]
+    pages = num_tokens // page_size + (num_tokens % page_size != 0)  # ceil, cannot overflow
+    need = jnp.maximum(pages - have, 0)
+    ok = (valid_slot & (num_tokens >= 0) & (pages <= cache.max_pages_per_seq)
+          & (need <= jnp.sum(cache.free)))
     # The i-th free page (ascending) goes to row entry have + i, for i < need.
     rank = jnp.cumsum(cache.free) - 1  # rank of each free page among free pages
     take = cache.free & (rank < need) & ok
     cols = jnp.where(take, have + rank, cache.max_pages_per_seq)  # out of range -> dropped
-    row = cache.page_table[slot].at[cols].set(jnp.arange(cache.num_pages, dtype=jnp.int32),
-                                              mode="drop")
+    row = cache.page_table[row_index].at[cols].set(jnp.arange(cache.num_pages, dtype=jnp.int32),
+                                                   mode="drop")
+    target = jnp.where(ok, slot, cache.max_seqs)  # past the last row: the writes are dropped
     return cache.replace(
-        page_table=cache.page_table.at[slot].set(row),
-        num_reserved=cache.num_reserved.at[slot].add(jnp.where(ok, need, 0)),
+        page_table=cache.page_table.at[target].set(row, mode="drop"),
+        num_reserved=cache.num_reserved.at[target].add(need, mode="drop"),
         free=cache.free & ~take,
     ), ok
 
 
 def release(cache: KVCache, slot: jax.Array) -> KVCache:
     """Free every page of `slot` and empty it. Page contents are left as they are: a page is
-    only read below its owner's `seq_lens`, and the next owner overwrites before reading."""
-    row = cache.page_table[slot]
-    owned = jnp.arange(cache.max_pages_per_seq) < cache.num_reserved[slot]
+    only read below its owner's `seq_lens`, and the next owner overwrites before reading.
+
+    Releasing an empty slot changes nothing. A concrete slot outside [0, max_seqs) raises
+    ValueError; a traced one returns the cache unchanged (never another slot's row, which JAX's
+    index clamping would otherwise pick)."""
+    valid = _check_slot(cache, slot, "release")
+    row_index = jnp.where(valid, slot, 0)  # a real row to read; discarded unless valid
+    target = jnp.where(valid, slot, cache.max_seqs)  # past the last row: the writes are dropped
+    row = cache.page_table[row_index]
+    owned = valid & (jnp.arange(cache.max_pages_per_seq) < cache.num_reserved[row_index])
     freed = jnp.zeros_like(cache.free).at[jnp.where(owned, row, NULL_PAGE)].set(True)
     freed = freed.at[NULL_PAGE].set(False)
     return cache.replace(
-        page_table=cache.page_table.at[slot].set(NULL_PAGE),
-        seq_lens=cache.seq_lens.at[slot].set(0),
-        num_reserved=cache.num_reserved.at[slot].set(0),
+        page_table=cache.page_table.at[target].set(NULL_PAGE, mode="drop"),
+        seq_lens=cache.seq_lens.at[target].set(0, mode="drop"),
+        num_reserved=cache.num_reserved.at[target].set(0, mode="drop"),
         free=cache.free | freed,
-        selected_num_pages=cache.selected_num_pages.at[slot].set(-1),
-        decode_steps=cache.decode_steps.at[slot].set(0),
+        selected_num_pages=cache.selected_num_pages.at[target].set(-1, mode="drop"),
+        decode_steps=cache.decode_steps.at[target].set(0, mode="drop"),
     )
 
 
@@ -341,6 +382,11 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
     fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
              and not head_dim & (head_dim - 1))
     pages, offsets = token_pages(cache, slots, positions, valid)
+    # Tokens that are not stored still land in the null page; write zeros there, so a non-finite
+    # key or value of one row (a row stopped for NaN logits) never reaches the null page that
+    # every other row's masked reads touch (a zero attention weight times NaN is NaN).
+    k = jnp.where(valid[:, :, None, None], k, 0)
+    v = jnp.where(valid[:, :, None, None], v, 0)
     kd, vd = k[:, :, dense], v[:, :, dense]
     arrays = {}
     if fused and dense:  # (a layer whose heads all stream has nothing to write here)
@@ -364,7 +410,8 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         index, offsets = streaming_pool.token_slot(layout, positions)
         pages = jnp.take_along_axis(cache.stream_table[slots], index, axis=1)
         pages = jnp.where(kept, pages, NULL_PAGE)
-        ks, vs = k[:, :, stream], v[:, :, stream]
+        ks = jnp.where(kept[:, :, None, None], k[:, :, stream], 0)
+        vs = jnp.where(kept[:, :, None, None], v[:, :, stream], 0)
         if fused:
             arrays["sk"], arrays["sv"], _, _ = append_tokens(
                 cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],

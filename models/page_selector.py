@@ -179,8 +179,8 @@ def select_dense_pages(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_tabl
       keep_first_pages: pages at the sequence start always selected (see `select_pages`).
 
     Returns:
-      [B, Hd * G or Hd, K] int32 page-table *columns* (logical page indices), ascending; the
-      first min(K, num_pages) are used.
+      [B, Hd * G or Hd, K] int32 page-table *columns* (page numbers within the sequence),
+      ascending; the first min(K, num_pages) are used.
     """
     b, hd, g, d = q.shape
     stats_per_page = kmax.shape[2]

@@ -3,8 +3,8 @@ arXiv 2502.14866).
 
 A decode step writes each sequence's new key and value into its page, and for the dense heads
 folds the key into its logical page's key max/min (the page selector's statistics, restarted on
-a logical page's first token). Written as XLA scatters that is one kernel per array (K, V, and a
-reset plus a max/min per statistic), per layer and per token. This kernel does all of it in one
+a logical page's first token). Written in XLA that is one scatter per array (K, V, and each
+statistic), per layer and per token. This kernel does all of it in one
 launch per pool: program b stores sequence b's rows for every head of the pool at
 (page, offset) and, when statistics are kept, updates its logical page's max and min in the
 statistics' dtype. The pools come back as the same buffers (`input_output_aliases`), so under a

@@ -111,7 +111,7 @@ def generate_greedy(params, config, attention, prompts, n, *, t=16, page_size=4,
 
 
 def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddings=96,
-                       tokenizer_from=None):
+                       tokenizer_from=None, tie_word_embeddings=False):
     """A tiny random HF Llama (2 layers, 4 query / 2 KV heads, hidden 32) saved and converted;
     with `tokenizer_from`, that directory's tokenizer files are copied in first."""
     import shutil
@@ -124,7 +124,8 @@ def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddi
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2)
+        max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(0)
     src = tmp_path_factory.mktemp("hf") / "tiny"
     transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True)

@@ -1,4 +1,6 @@
-"""Page pool: exact page ids, capacity errors, and a property test over random op sequences."""
+"""Page pool: exact page ids, capacity errors, invalid input (out-of-range slots, negative or
+int32-limit token counts, double release) eagerly and under jit, and property tests over random
+op sequences."""
 
 import jax
 import jax.numpy as jnp
@@ -73,30 +75,135 @@ def test_write_then_gather_round_trip():
     assert set(touched) <= set(_row(cache, 0)[:2] + _row(cache, 1) + [NULL_PAGE])
 
 
-ops = st.lists(st.tuples(st.sampled_from(["reserve", "release"]), st.integers(0, 3),
-                         st.integers(0, 30)), min_size=1, max_size=25)
+def _assert_same(a, b):
+    """Every field of two cache pytrees is equal (same structure, same values)."""
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-@settings(max_examples=40, deadline=None)
-@given(ops)
-def test_random_reserve_release_never_double_books(sequence):
+def _two_slots_in_use():
+    """max_seqs=3: slot 2 owns pages [1, 2] (8 tokens), slot 0 owns page [3]."""
+    cache = kv_cache.init_cache(_spec())
+    cache, ok2 = reserve(cache, 2, 8)
+    cache, ok0 = reserve(cache, 0, 1)
+    assert bool(ok2) and bool(ok0) and _row(cache, 2) == [1, 2, 0, 0]
+    return cache
+
+
+BAD_SLOTS = [-1, -3, -4, 3, 5, 2**31 - 1, -2**31]  # for max_seqs=3; -1/-3 would wrap to rows 2/0
+
+
+@pytest.mark.parametrize("slot", BAD_SLOTS)
+def test_out_of_range_slot_under_jit_changes_nothing(slot):
+    """Traced out-of-range slots must not be clamped or wrapped onto a real row: reserve fails
+    and release is a no-op, so no page is leaked or handed to two slots."""
+    cache = _two_slots_in_use()
+    after, ok = reserve(cache, slot, 4)
+    assert not bool(ok)
+    _assert_same(after, cache)
+    _assert_same(release(cache, slot), cache)
+
+
+@pytest.mark.parametrize("fn", ["reserve", "release"])
+@pytest.mark.parametrize("slot", BAD_SLOTS)
+def test_out_of_range_slot_eagerly_raises(fn, slot):
+    """With a concrete slot the error is raised at once, naming the slot and the valid range
+    (eagerly, -1 once reserved into / released the last slot like a Python index)."""
+    cache = _two_slots_in_use()
+    with pytest.raises(ValueError, match=rf"{fn}: slot={slot} is out of range; valid slots are "
+                                         r"0\.\.2 \(max_seqs=3\)"):
+        if fn == "reserve":
+            kv_cache.reserve(cache, slot, 4)
+        else:
+            kv_cache.release(cache, slot)
+
+
+@pytest.mark.parametrize("n", [-1, -2**31])
+def test_negative_token_count(n):
+    """Eagerly a ValueError naming the count; under jit ok=False with the cache unchanged."""
+    cache = _two_slots_in_use()
+    with pytest.raises(ValueError, match=rf"reserve: num_tokens={n} must be >= 0"):
+        kv_cache.reserve(cache, 1, n)
+    after, ok = reserve(cache, 1, n)
+    assert not bool(ok)
+    _assert_same(after, cache)
+
+
+@pytest.mark.parametrize("n", [2**31 - 2, 2**31 - 1])
+@pytest.mark.parametrize("jit, wrap", [
+    (True, int), (True, np.int32), (True, jnp.int32), (False, np.int32), (False, jnp.int32)],
+    ids=["jit-int", "jit-np.int32", "jit-jnp.int32", "eager-np.int32", "eager-jnp.int32"])
+def test_token_count_near_int32_max_fails_without_overflow(n, jit, wrap):
+    """Counts next to the int32 maximum fail cleanly: in int32, (n + page_size - 1) wraps
+    negative, which once reserved nothing and reported success. (Eagerly, plain Python ints
+    never wrapped; llm.py passes jnp.int32.)"""
+    cache = _two_slots_in_use()
+    after, ok = (reserve if jit else kv_cache.reserve)(cache, 1, wrap(n))
+    assert not bool(ok)
+    _assert_same(after, cache)
+
+
+def test_eager_count_beyond_int32_fails_cleanly():
+    """A Python int too large for int32 is just a request that does not fit (no OverflowError)."""
+    cache = _two_slots_in_use()
+    after, ok = kv_cache.reserve(cache, 1, 2**40)
+    assert not bool(ok)
+    _assert_same(after, cache)
+
+
+# Slots: mostly valid (max_seqs=4), plus both signs out of range up to the int32 limits. Token
+# counts: mostly small, plus the row limit (5 pages of 4), int32 extremes and negatives.
+slots = st.one_of(st.integers(0, 3), st.sampled_from([-1, -4, -5, 4, 5, 2**31 - 1, -2**31]),
+                  st.integers(-2**31, 2**31 - 1))
+counts = st.one_of(st.integers(0, 30),
+                   st.sampled_from([20, 21, 2**31 - 1, 2**31 - 2, 2**31 - 4, -1, -2**31]),
+                   st.integers(-2**31, 2**31 - 1))
+ops = st.lists(st.tuples(st.sampled_from(["reserve", "release"]), slots, counts),
+               min_size=1, max_size=25)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@settings(max_examples=30, deadline=None)
+@given(sequence=ops)
+def test_random_reserve_release_never_double_books(jit, sequence):
+    """Random reserve/release sequences, invalid input included, against a model of page counts.
+
+    Invalid slots and negative counts raise ValueError eagerly; under jit they (and any request
+    that does not fit) return ok=False / the cache unchanged, field by field. Releasing an empty
+    slot changes nothing. After every op: no page owned twice, none leaked, the null page never
+    owned, unused row entries point at the null page."""
     spec = _spec(num_pages=12, page_size=4, max_seqs=4, max_pages_per_seq=5)
+    res, rel = (reserve, release) if jit else (kv_cache.reserve, kv_cache.release)
     cache = kv_cache.init_cache(spec)
     model = {s: 0 for s in range(4)}  # pages each slot should own
     free_count = spec.num_pages - 1
     for op, slot, n in sequence:
+        bad_slot = not 0 <= slot < 4
         if op == "reserve":
-            need = max(-(-n // 4) - model[slot], 0)
-            expect_ok = model[slot] + need <= 5 and need <= free_count
-            cache, ok = reserve(cache, slot, n)
-            assert bool(ok) == expect_ok
+            if not jit and (bad_slot or n < 0):
+                with pytest.raises(ValueError, match="slot=" if bad_slot else "num_tokens="):
+                    res(cache, slot, n)
+                continue
+            need = 0 if bad_slot else max(-(-n // 4) - model[slot], 0)
+            expect_ok = not bad_slot and n >= 0 and model[slot] + need <= 5 and need <= free_count
+            after, ok = res(cache, slot, n)
+            assert bool(ok) == expect_ok, (slot, n)
             if expect_ok:
                 model[slot] += need
                 free_count -= need
+            else:
+                _assert_same(after, cache)
         else:
-            cache = release(cache, slot)
-            free_count += model[slot]
-            model[slot] = 0
+            if not jit and bad_slot:
+                with pytest.raises(ValueError, match=f"slot={slot}"):
+                    rel(cache, slot)
+                continue
+            after = rel(cache, slot)
+            if bad_slot or model[slot] == 0:  # out of range, or a double release
+                _assert_same(after, cache)
+            else:
+                free_count += model[slot]
+                model[slot] = 0
+        cache = after
         table, free = np.asarray(cache.page_table), np.asarray(cache.free)
         owned = [p for s in range(4) for p in table[s, :model[s]].tolist()]
         assert NULL_PAGE not in owned and not free[NULL_PAGE]

@@ -48,7 +48,9 @@ def test_layout_sizes_and_validation():
     layout = StreamingLayout(page_size=64, sink_tokens=128, local_tokens=256)
     assert (layout.num_sink_pages, layout.num_ring_pages, layout.num_pages) == (2, 5, 7)
     assert SparsityConfig().streaming_layout == layout  # LServe's decode defaults
-    assert SparsityConfig(token_budget=64).budget_pages == 3  # never fewer than 3 pages
+    assert SparsityConfig(token_budget=192).budget_pages == 3
+    with pytest.raises(ValueError, match="minimum budget of 3 pages"):
+        SparsityConfig(token_budget=64)  # LServe never attends fewer than 3 pages
     for kwargs in (dict(sink_tokens=100, local_tokens=256), dict(sink_tokens=128, local_tokens=0),
                    dict(sink_tokens=-64, local_tokens=256)):
         with pytest.raises(ValueError):
