@@ -68,6 +68,7 @@ to --out; one panel per batch size).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import pathlib
@@ -86,6 +87,7 @@ from lserve_jax.sparsity import SparsityConfig  # noqa: E402
 from models import kv_cache, llama  # noqa: E402
 from models.attention import (  # noqa: E402
     AttentionConfig,
+    cache_streaming_layout,
     decode_attention,
     select_pages_for_step,
 )
@@ -111,22 +113,18 @@ TARGET_CONTEXT, TARGET_DENSE_OVER_FLOOR, TARGET_US, TARGET_SPEEDUP = 262144, 1.2
 
 
 def shipped_attention(impl: str, streaming_heads, **overrides) -> AttentionConfig:
-    """LServe's AttentionConfig from the shipped `SparsityConfig` knobs (as `LLM` builds it),
+    """LServe's AttentionConfig with the shipped `SparsityConfig` knobs (as `LLM` builds it),
     with `overrides` (e.g. selector_interval, page_selection) replacing some of them."""
-    s = SPARSITY
-    knobs = dict(ctx_sink_tokens=s.ctx_sink_tokens, ctx_local_tokens=s.ctx_local_tokens,
-                 dec_sink_tokens=s.dec_sink_tokens, dec_local_tokens=s.dec_local_tokens,
-                 token_budget=s.token_budget, selector_interval=s.selector_interval,
-                 page_selection=s.page_selection, keep_first_pages=s.keep_first_pages)
     return AttentionConfig(mode="lserve", impl=impl, streaming_heads=streaming_heads,
-                           **{**knobs, **overrides})
+                           sparsity=dataclasses.replace(SPARSITY, **overrides))
 
 
 def knob_fields(attention: AttentionConfig, streaming_fraction: float) -> dict:
     """Every knob of a record; the LServe-only ones are None in dense mode."""
     lserve = attention.mode == "lserve"
-    pick = lambda name: getattr(attention, name) if lserve else None  # noqa: E731
-    return dict(page_size=PAGE_SIZE, logical_page_size=LOGICAL_PAGE_SIZE,
+    s = attention.sparsity
+    pick = lambda name: getattr(s, name) if lserve else None  # noqa: E731
+    return dict(page_size=s.page_size, logical_page_size=s.logical_page_size,
                 token_budget=pick("token_budget"), selector_interval=pick("selector_interval"),
                 page_selection=pick("page_selection"), keep_first_pages=pick("keep_first_pages"),
                 sink_tokens=pick("dec_sink_tokens"), local_tokens=pick("dec_local_tokens"),
@@ -173,7 +171,7 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     pages_per_seq = -(-capacity // PAGE_SIZE)
     spec = llama.cache_spec(config, attention, num_pages=batch * pages_per_seq + 1,
                             page_size=PAGE_SIZE, max_seqs=batch, max_pages_per_seq=pages_per_seq,
-                            dtype=jnp.dtype(dtype).name, logical_page_size=LOGICAL_PAGE_SIZE)
+                            dtype=jnp.dtype(dtype).name)
     cache = kv_cache.init_cache(spec)
     for slot in range(batch):
         cache, ok = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(capacity))
@@ -218,7 +216,7 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
     """
     positions = (lengths - 1)[:, None]  # [B, 1]
     valid = jnp.ones_like(positions, bool)
-    layout = attention.streaming_layout(PAGE_SIZE) if cache.sk else None
+    layout = cache_streaming_layout(cache, attention)
     flags = attention.layer_streaming(0, NUM_KV_HEADS)
     base = jnp.arange(batch, dtype=jnp.int32)
 
@@ -230,7 +228,7 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
                                       impl=attention.impl, interpret=attention.interpret)
         selected = None
         if attention.mode == "lserve":
-            need = jnp.full((batch,), (i // rotation) % attention.selector_interval == 0)
+            need = jnp.full((batch,), (i // rotation) % attention.sparsity.selector_interval == 0)
             selected = select_pages_for_step(qs[i], cache, slots, lengths, need, layer=0,
                                              config=attention)
             cache = cache.replace_layer(0, selected=cache.selected[0].at[slots].set(selected))
@@ -248,17 +246,18 @@ def step_bytes(*, batch, context, attention, itemsize, num_streaming) -> dict:
         kv = batch * hkv * context * per_token
         return dict(kv_bytes=kv, kv_bytes_loaded=kv, stats_bytes=0, bytes_per_step=kv)
     num_dense = hkv - num_streaming
-    dense_tokens = min(context, attention.token_budget)
-    stream_tokens = min(context, attention.dec_sink_tokens + attention.dec_local_tokens
+    knobs = attention.sparsity
+    dense_tokens = min(context, knobs.token_budget)
+    stream_tokens = min(context, knobs.dec_sink_tokens + knobs.dec_local_tokens
                         + PAGE_SIZE)
     kv = batch * (num_dense * dense_tokens + num_streaming * stream_tokens) * per_token
-    lists = g if attention.page_selection == "query_head" else 1
+    lists = g if knobs.page_selection == "query_head" else 1
     loaded = batch * (num_dense * lists * dense_tokens + num_streaming * stream_tokens) * per_token
     # Max and min of every logical page (pool dtype), read only when there is a choice to make.
     stats = (batch * num_dense * (context // LOGICAL_PAGE_SIZE) * d * itemsize * 2
-             if context > attention.token_budget else 0)
+             if context > knobs.token_budget else 0)
     return dict(kv_bytes=kv, kv_bytes_loaded=loaded, stats_bytes=stats,
-                bytes_per_step=kv + stats / attention.selector_interval)
+                bytes_per_step=kv + stats / knobs.selector_interval)
 
 
 def slot_bytes(context, mode, num_streaming, itemsize) -> int:
@@ -289,7 +288,7 @@ def run_shape(batch, context, args, on_gpu, bandwidth, seed):
     num_streaming = num_streaming_heads(SPARSITY.static_sparsity, NUM_KV_HEADS)
     streaming = (True,) * num_streaming + (False,) * (NUM_KV_HEADS - num_streaming)
     fraction = num_streaming / NUM_KV_HEADS
-    configs = [("dense", AttentionConfig(mode="dense", impl=impl))]
+    configs = [("dense", AttentionConfig(mode="dense", impl=impl, sparsity=SPARSITY))]
     configs += [(name, shipped_attention(impl, (streaming,), page_selection=sel,
                                          selector_interval=n))
                 for name, (sel, n) in ((v, VARIANTS[v]) for v in args.variants)]
@@ -329,9 +328,9 @@ def run_shape(batch, context, args, on_gpu, bandwidth, seed):
             cache = caches.pop(cfg.mode)  # donated below; the returned one is kept
             if cfg.mode == "lserve":  # page lists per KV head or per query head, none stored
                 lists = (NUM_KV_HEADS - num_streaming) * (
-                    NUM_HEADS // NUM_KV_HEADS if cfg.page_selection == "query_head" else 1)
+                    NUM_HEADS // NUM_KV_HEADS if cfg.sparsity.page_selection == "query_head" else 1)
                 cache = cache.replace(selected=(jnp.zeros(
-                    (rot * batch, lists, cfg.budget_pages(PAGE_SIZE)), jnp.int32),))
+                    (rot * batch, lists, cfg.sparsity.budget_pages), jnp.int32),))
             qs = jax.random.normal(key_q, (steps, batch, NUM_HEADS, HEAD_DIM), dtype)
             new_kv = jax.random.normal(key_kv, (steps, 2, batch, 1, NUM_KV_HEADS, HEAD_DIM),
                                        dtype)

@@ -99,17 +99,18 @@ def kv_bytes_per_token(config: LlamaConfig, attention: AttentionConfig, context:
     per_token = 2 * config.head_dim * itemsize  # K and V of one head
     if attention.mode == "dense":
         return config.num_layers * config.num_kv_heads * context * per_token
+    s = attention.sparsity
     total = 0.0
     for layer in range(config.num_layers):
         num_stream = sum(attention.layer_streaming(layer, config.num_kv_heads))
         num_dense = config.num_kv_heads - num_stream
-        stream_tokens = min(context, attention.dec_sink_tokens + attention.dec_local_tokens
+        stream_tokens = min(context, s.dec_sink_tokens + s.dec_local_tokens
                             + PAGE_SIZE)
-        total += (num_dense * min(context, attention.token_budget)
+        total += (num_dense * min(context, s.token_budget)
                   + num_stream * stream_tokens) * per_token
-        if context > attention.token_budget:  # max and min per logical page, pool dtype
+        if context > s.token_budget:  # max and min per logical page, pool dtype
             total += (num_dense * (context // LOGICAL_PAGE_SIZE) * config.head_dim * itemsize * 2
-                      / attention.selector_interval)
+                      / s.selector_interval)
     return total
 
 
@@ -154,7 +155,7 @@ def run_context(context, modes, params, config, on_gpu, meta):
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
     impl = "pallas" if on_gpu else "xla"
-    attentions = {"dense": AttentionConfig(mode="dense", impl=impl),
+    attentions = {"dense": AttentionConfig(mode="dense", impl=impl, sparsity=SPARSITY),
                   "lserve": shipped_attention(impl, streaming_pattern(config))}
     num_kv = config.num_kv_heads
     fraction = num_streaming_heads(SPARSITY.static_sparsity, num_kv) / num_kv

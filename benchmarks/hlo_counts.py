@@ -357,17 +357,13 @@ def decode_setup(mode: str, num_layers: int, small: bool):
     config = LlamaConfig(num_layers=num_layers, **(SMALL_MODEL if small else FULL_MODEL),
                          rope_theta=500000.0, max_position_embeddings=2**20)
     impl = "pallas" if on_gpu else "xla"
-    s = SparsityConfig()
+    s = dataclasses.replace(SparsityConfig(), page_selection="kv_head")  # the shipped knobs
     if mode == "dense":
-        attention = AttentionConfig(mode="dense", impl=impl)
+        attention = AttentionConfig(mode="dense", impl=impl, sparsity=s)
     elif mode == "lserve":
         attention = AttentionConfig(
-            mode="lserve", impl=impl, ctx_sink_tokens=s.ctx_sink_tokens,
-            ctx_local_tokens=s.ctx_local_tokens,
-            streaming_heads=streaming_pattern(num_layers, config.num_kv_heads),
-            dec_sink_tokens=s.dec_sink_tokens, dec_local_tokens=s.dec_local_tokens,
-            token_budget=s.token_budget, selector_interval=s.selector_interval,
-            page_selection="kv_head", keep_first_pages=s.keep_first_pages)
+            mode="lserve", impl=impl,
+            streaming_heads=streaming_pattern(num_layers, config.num_kv_heads), sparsity=s)
     else:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
@@ -378,9 +374,8 @@ def decode_args(config, attention, s, dtype, context) -> tuple:
     """Abstract arguments of one decode step (params, cache, tokens, slots, active), batch 1,
     with pages for the context and room for the next tokens plus the null page."""
     pages_per_seq = context // s.page_size + 1
-    spec = llama.cache_spec(config, attention, num_pages=pages_per_seq + 1,
-                            page_size=s.page_size, max_seqs=1, max_pages_per_seq=pages_per_seq,
-                            dtype=jnp.dtype(dtype).name, logical_page_size=s.logical_page_size)
+    spec = llama.cache_spec(config, attention, num_pages=pages_per_seq + 1, max_seqs=1,
+                            max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
     ids = jax.ShapeDtypeStruct((1,), jnp.int32)
     return param_shapes(config, dtype), cache, ids, ids, jax.ShapeDtypeStruct((1,), jnp.bool_)
@@ -412,11 +407,10 @@ def count_decode_hlo(mode: str, num_layers: int, small: bool = True) -> dict:
                compile_s=round(compile_s, 2))
     if mode == "lserve":
         rec.update(page_size=s.page_size, logical_page_size=s.logical_page_size,
-                   token_budget=attention.token_budget,
-                   selector_interval=attention.selector_interval,
-                   keep_first_pages=attention.keep_first_pages,
-                   page_selection=attention.page_selection, sink_tokens=attention.dec_sink_tokens,
-                   local_tokens=attention.dec_local_tokens, streaming_fraction=0.5)
+                   token_budget=s.token_budget, selector_interval=s.selector_interval,
+                   keep_first_pages=s.keep_first_pages, page_selection=s.page_selection,
+                   sink_tokens=s.dec_sink_tokens, local_tokens=s.dec_local_tokens,
+                   streaming_fraction=0.5)
     rec.update(count_hlo(compiled.as_text()))
     rec["pallas_path"] = count_pallas_path(mode, num_layers, small)
     return rec

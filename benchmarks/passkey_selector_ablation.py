@@ -22,6 +22,7 @@ from benchmarks.provenance import git_commit  # noqa: E402
 from lserve_jax import eval as harness  # noqa: E402
 from lserve_jax.checkpoint import load_text_model  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
+from models.sparsity import SparsityConfig  # noqa: E402
 
 
 def main() -> None:
@@ -31,14 +32,18 @@ def main() -> None:
     p.add_argument("--depths", type=harness._floats, default=[0.0, 0.25])
     args = p.parse_args()
     _, config, params, tokenizer = load_text_model(None, dtype="float32", purpose="ablation")
-    base = AttentionConfig(mode="lserve", impl="xla", token_budget=args.budget)
+    # The base is LServe's own selection rule (keep_first_pages=0); one variant keeps the sink.
+    base = SparsityConfig(static_sparsity=0.0, token_budget=args.budget, keep_first_pages=0)
     variants = {
         "kv_head, interval 4": base,
         "kv_head, interval 1": dataclasses.replace(base, selector_interval=1),
         "query_head, interval 4": dataclasses.replace(base, page_selection="query_head"),
         "kv_head, interval 4, first page kept": dataclasses.replace(base, keep_first_pages=1),
     }
-    settings = [harness.Setting("dense", AttentionConfig(mode="dense", impl="xla"))]
+    variants = {name: AttentionConfig(mode="lserve", impl="xla", sparsity=knobs)
+                for name, knobs in variants.items()}
+    settings = [harness.Setting("dense", AttentionConfig(mode="dense", impl="xla",
+                                                         sparsity=base))]
     settings += [harness.Setting(name, att, None, 0.0, args.budget) for name, att in variants.items()]
     lengths = [1024, 2048, 4096, config.max_position_embeddings - 8]
     runner = harness.Runner(config, params, max_tokens=max(lengths) + 8)

@@ -38,7 +38,7 @@ from lserve_jax import corpus, head_pattern
 from lserve_jax.provenance import git_commit
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
-from models.attention import AttentionConfig
+from models.attention import AttentionConfig, cache_streaming_layout
 from models.config import LlamaConfig
 
 log = logging.getLogger("lserve_jax")
@@ -97,27 +97,28 @@ class Setting:
 def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
                    budgets: list[int], sparsities: list[float], windows: list[int],
                    main_budget: int = 1024, main_sparsity: float = 0.5, impl: str = "xla",
-                   page_size: int = 64, ctx_sink_tokens: int = 128,
-                   dec_sink_tokens: int = 128, dec_local_tokens: int = 256,
-                   selector_interval: int = 4, keep_first_pages: int = 0) -> list[Setting]:
+                   sparsity: SparsityConfig | None = None) -> list[Setting]:
     """dense; the pattern at `main_sparsity` × each budget; `main_budget` × each sparsity;
     the baseline pattern at each non-zero sparsity with `main_budget`; each prefill window at
-    `main_sparsity`/`main_budget`. Duplicates are dropped, order kept."""
+    `main_sparsity`/`main_budget`. Duplicates are dropped, order kept.
+
+    `sparsity` (default `SparsityConfig()`) gives every setting's other knobs and the page
+    sizes (the dense setting's too, so all caches share them); each LServe setting replaces its
+    `static_sparsity`, `token_budget` and, with a window, `ctx_local_tokens`, validated there."""
+    base = SparsityConfig() if sparsity is None else sparsity
     patterns = {"calibrated": pattern, "baseline": baseline}
 
-    def lserve(which, sparsity, budget, window=None):
+    def lserve(which, static_sparsity, budget, window=None):
         streaming = head_pattern.streaming_heads_for_model(
-            patterns[which], sparsity, config.num_layers, config.num_kv_heads)
-        att = AttentionConfig(
-            mode="lserve", impl=impl, ctx_sink_tokens=ctx_sink_tokens,
-            ctx_local_tokens=window or SparsityConfig().ctx_local_tokens,
-            streaming_heads=streaming, dec_sink_tokens=dec_sink_tokens,
-            dec_local_tokens=dec_local_tokens, token_budget=budget,
-            selector_interval=selector_interval, keep_first_pages=keep_first_pages)
-        name = f"{which} s={sparsity:g} budget={budget}" + (f" window={window}" if window else "")
-        return Setting(name, att, which, sparsity, budget, window)
+            patterns[which], static_sparsity, config.num_layers, config.num_kv_heads)
+        knobs = dataclasses.replace(base, static_sparsity=static_sparsity, token_budget=budget,
+                                    ctx_local_tokens=window or base.ctx_local_tokens)
+        att = AttentionConfig(mode="lserve", impl=impl, streaming_heads=streaming, sparsity=knobs)
+        name = (f"{which} s={static_sparsity:g} budget={budget}"
+                + (f" window={window}" if window else ""))
+        return Setting(name, att, which, static_sparsity, budget, window)
 
-    settings = [Setting("dense", AttentionConfig(mode="dense", impl=impl))]
+    settings = [Setting("dense", AttentionConfig(mode="dense", impl=impl, sparsity=base))]
     settings += [lserve("calibrated", main_sparsity, b) for b in budgets]
     settings += [lserve("calibrated", s, main_budget) for s in sparsities]
     if baseline is not None:
@@ -128,9 +129,6 @@ def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
         if s.name not in seen:
             seen.add(s.name)
             unique.append(s)
-    for s in unique:
-        if s.token_budget is not None:
-            s.attention.budget_pages(page_size)  # validates the budget against the page size
     return unique
 
 
@@ -138,24 +136,22 @@ def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
 
 class Runner:
     """Prefill and decode one sequence (slot 0) under any setting, with caches sized for
-    `max_tokens` so the decode executables are shared by every prompt length."""
+    `max_tokens` so the decode executables are shared by every prompt length. Each cache has
+    the page sizes of its setting's `attention.sparsity`."""
 
-    def __init__(self, config: LlamaConfig, params: dict, *, max_tokens: int, page_size: int = 64,
-                 logical_page_size: int = 16):
+    def __init__(self, config: LlamaConfig, params: dict, *, max_tokens: int):
         self.config, self.params = config, params
-        self.page_size, self.logical_page_size = page_size, logical_page_size
-        self.pages_per_seq = -(-max_tokens // page_size)
+        self.max_tokens = max_tokens
         self.dtype = jnp.dtype(params["embed"].dtype).name
 
     def empty_cache(self, attention: AttentionConfig, num_tokens: int) -> kv_cache.KVCache:
-        spec = llama.cache_spec(self.config, attention, num_pages=self.pages_per_seq + 1,
-                                page_size=self.page_size, max_seqs=1,
-                                max_pages_per_seq=self.pages_per_seq, dtype=self.dtype,
-                                logical_page_size=self.logical_page_size)
+        pages_per_seq = -(-self.max_tokens // attention.sparsity.page_size)
+        spec = llama.cache_spec(self.config, attention, num_pages=pages_per_seq + 1, max_seqs=1,
+                                max_pages_per_seq=pages_per_seq, dtype=self.dtype)
         cache, ok = kv_cache.reserve(kv_cache.init_cache(spec), jnp.int32(0),
                                      jnp.int32(num_tokens))
         if not bool(ok):
-            raise ValueError(f"{num_tokens} tokens exceed the cache ({self.pages_per_seq} pages)")
+            raise ValueError(f"{num_tokens} tokens exceed the cache ({pages_per_seq} pages)")
         return cache
 
     def prefill(self, attention: AttentionConfig, ids: list[int], total_tokens: int):
@@ -232,8 +228,9 @@ def cache_from_dense(dense: kv_cache.KVCache, empty: kv_cache.KVCache, length: i
     and only their placement (dense pool + statistics, streaming sink/ring pages) differs.
     `empty` is a fresh cache for `attention` with slot 0's pages reserved.
     """
-    if attention.has_streaming and attention.ctx_local_tokens < length:
-        raise ValueError(f"ctx_local_tokens={attention.ctx_local_tokens} < prompt length {length}: "
+    local = attention.sparsity.ctx_local_tokens
+    if attention.has_streaming and local < length:
+        raise ValueError(f"ctx_local_tokens={local} < prompt length {length}: "
                          "LServe's prefill differs from dense; prefill it instead")
     return _cache_from_dense(dense, empty, jnp.int32(length), config=config, attention=attention)
 
@@ -248,7 +245,7 @@ def _cache_from_dense(dense, cache, length, *, config, attention):
     offsets = positions[0] % s
     slots = jnp.zeros((1,), jnp.int32)
     lengths = jnp.reshape(length, (1,))
-    layout = attention.streaming_layout(cache.page_size) if cache.sk else None
+    layout = cache_streaming_layout(cache, attention)
     for i in range(config.num_layers):
         k = dense.k[i][:, pages, offsets].transpose(1, 0, 2)[None]  # [1, T, Hkv, D]
         v = dense.v[i][:, pages, offsets].transpose(1, 0, 2)[None]
@@ -265,7 +262,7 @@ def _setting_cache(runner: Runner, setting: Setting, dense_cache, ids, total_tok
     att = setting.attention
     if att.mode == "dense":
         return dense_cache, logits
-    if att.has_streaming and att.ctx_local_tokens < len(ids):
+    if att.has_streaming and att.sparsity.ctx_local_tokens < len(ids):
         return runner.prefill(att, ids, total_tokens)
     empty = runner.empty_cache(att, total_tokens)
     return cache_from_dense(dense_cache, empty, len(ids), config=runner.config,
@@ -505,19 +502,18 @@ def main(argv: list[str] | None = None) -> int:
         for n in lengths:  # raises for a length too short to hold a passkey prompt
             corpus.passkey_prompt(tokenizer, length=n, depth=0.0, passkey="12345",
                                   haystack=args.haystack)
+        base = SparsityConfig(page_size=args.page_size, keep_first_pages=args.keep_first_pages)
         settings = build_settings(
             config, pattern=pattern, baseline=args.baseline, budgets=args.budgets,
             sparsities=args.sparsities, windows=args.windows, main_budget=args.main_budget,
-            main_sparsity=args.main_sparsity, impl=args.impl or default_impl(),
-            keep_first_pages=args.keep_first_pages,
-            page_size=args.page_size)
+            main_sparsity=args.main_sparsity, impl=args.impl or default_impl(), sparsity=base)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     max_tokens = max(lengths + [n + 1 for n in ppl_lengths]) + args.new_tokens
-    runner = Runner(config, params, max_tokens=max_tokens, page_size=args.page_size)
+    runner = Runner(config, params, max_tokens=max_tokens)
     meta = {"checkpoint": str(path), "pattern": str(pattern), "baseline": args.baseline,
             "settings": [s.row() | {"name": s.name} for s in settings],
             "haystack": args.haystack, "backend": jax.default_backend(),

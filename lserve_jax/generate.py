@@ -16,7 +16,7 @@ import sys
 from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models.attention import PAGE_SELECTIONS
+from models.sparsity import PAGE_SELECTIONS
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -117,7 +117,8 @@ class LLM:
                     s.head_pattern, s.static_sparsity, self.config.num_layers,
                     self.config.num_kv_heads)
                 log.warning("head_pattern %s is only used with attention='lserve'", s.head_pattern)
-            return AttentionConfig(mode="dense", impl=self.impl)
+            # The sparsity still carries the page sizes the cache is built with.
+            return AttentionConfig(mode="dense", impl=self.impl, sparsity=s)
         streaming = None
         pattern = s.head_pattern or head_pattern.default_pattern(self._ckpt)
         if pattern is None:
@@ -128,12 +129,8 @@ class LLM:
                 pattern, s.static_sparsity, self.config.num_layers, self.config.num_kv_heads)
             log.info("head pattern %s: %s", pattern, head_pattern.describe(streaming))
         self.head_pattern = pattern
-        return AttentionConfig(
-            mode="lserve", impl=self.impl, ctx_sink_tokens=s.ctx_sink_tokens,
-            ctx_local_tokens=s.ctx_local_tokens, streaming_heads=streaming,
-            dec_sink_tokens=s.dec_sink_tokens, dec_local_tokens=s.dec_local_tokens,
-            token_budget=s.token_budget, selector_interval=s.selector_interval,
-            page_selection=s.page_selection, keep_first_pages=s.keep_first_pages)
+        return AttentionConfig(mode="lserve", impl=self.impl, streaming_heads=streaming,
+                               sparsity=s)
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -214,13 +211,10 @@ class LLM:
                                for sp, n in zip(sampling_params, lens)], np.int32)
         t_bucket = _bucket(int(lens.max()), 16)
         capacity = _bucket(int(max_tokens.max()), 16)
-        page_size = self.sparsity.page_size
-        pages_per_seq = -(-(t_bucket + capacity) // page_size)
-        spec = llama.cache_spec(
-            self.config, self.attention, num_pages=b * pages_per_seq + 1, page_size=page_size,
-            max_seqs=b, max_pages_per_seq=pages_per_seq,
-            dtype=jnp.dtype(self.params["embed"].dtype).name,
-            logical_page_size=self.sparsity.logical_page_size)
+        pages_per_seq = -(-(t_bucket + capacity) // self.sparsity.page_size)
+        spec = llama.cache_spec(  # pages of the sparsity's page sizes, in both modes
+            self.config, self.attention, num_pages=b * pages_per_seq + 1, max_seqs=b,
+            max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(self.params["embed"].dtype).name)
         cache = kv_cache.init_cache(spec)
         for slot in range(b):
             cache, ok = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(lens[slot] + max_tokens[slot]))

@@ -4,6 +4,7 @@ from models.attention import AttentionConfig
 from models.config import LlamaConfig, RopeScaling
 from models.kv_cache import KVCache, KVCacheSpec
 from models.params import init_params, param_shapes
+from models.sparsity import SparsityConfig
 
 __all__ = ["AttentionConfig", "KVCache", "KVCacheSpec", "LlamaConfig", "RopeScaling",
-           "init_params", "param_shapes"]
+           "SparsityConfig", "init_params", "param_shapes"]

@@ -21,79 +21,46 @@ import numpy as np
 from models import page_selector, streaming_pool
 from models import kv_cache
 from models.kv_cache import KVCache
+from models.sparsity import SparsityConfig
 from pallas_kernels import (MAX_SELECT_PAGES, page_scores, pooled_decode_attention,
                             pooled_decode_attention_reference, select_top_pages,
                             sparse_prefill_attention)
 
 ATTENTION_MODES = ("dense", "lserve")
 ATTENTION_IMPLS = ("xla", "pallas")
-PAGE_SELECTIONS = ("kv_head", "query_head")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """Static attention settings, passed to jit as a static argument.
 
-    `streaming_heads[layer][kv_head]` marks LServe streaming heads; None means every head is
-    dense. `ctx_sink_tokens`/`ctx_local_tokens` are the prefill Λ window, `dec_sink_tokens`/
-    `dec_local_tokens` the decode one. Dense heads attend to `token_budget` tokens of selected
-    pages, reselected every `selector_interval` steps, with one page list per KV head
-    (`page_selection="kv_head"`) or per query head (`"query_head"`, as LServe does); the first
-    `keep_first_pages` pages (the attention sink) are always among them.
-    The decode knobs only apply in "lserve" mode.
+    `mode` picks dense attention or LServe's; `impl` the Pallas kernels or their jnp references
+    (`interpret` runs the kernels in Pallas interpret mode). `streaming_heads[layer][kv_head]`
+    marks LServe streaming heads; None means every head is dense. Every sparsity knob (the
+    prefill and decode Λ windows, the token budget, the page selection and its interval,
+    `keep_first_pages`, the page sizes) is `sparsity`'s, the one `SparsityConfig` (see
+    models/sparsity.py); the knobs only apply in "lserve" mode, where the KV cache must have
+    `sparsity`'s page sizes (`check_cache_pages`).
     """
 
     mode: str = "dense"
     impl: str = "xla"
     interpret: bool = False
-    ctx_sink_tokens: int = 128
-    ctx_local_tokens: int = 8192
     streaming_heads: tuple[tuple[bool, ...], ...] | None = None
-    dec_sink_tokens: int = 128
-    dec_local_tokens: int = 256
-    token_budget: int = 4096
-    selector_interval: int = 4
-    page_selection: str = "kv_head"
-    keep_first_pages: int = 0
+    sparsity: SparsityConfig = SparsityConfig()
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode={self.mode!r} must be one of {ATTENTION_MODES}")
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl={self.impl!r} must be one of {ATTENTION_IMPLS}")
-        if self.ctx_sink_tokens < 0:
-            raise ValueError(f"{self.ctx_sink_tokens=} must be >= 0")
-        if self.ctx_local_tokens < 1:
-            raise ValueError(f"{self.ctx_local_tokens=} must be >= 1")
-        if self.selector_interval < 1:
-            raise ValueError(f"{self.selector_interval=} must be >= 1")
-        if self.keep_first_pages < 0:
-            raise ValueError(f"{self.keep_first_pages=} must be >= 0")
-        if self.page_selection not in PAGE_SELECTIONS:
-            raise ValueError(f"page_selection={self.page_selection!r} must be one of "
-                             f"{PAGE_SELECTIONS}")
+        if not isinstance(self.sparsity, SparsityConfig):
+            raise TypeError(f"sparsity={self.sparsity!r} must be a SparsityConfig")
 
     @property
     def has_streaming(self) -> bool:
         return (self.mode == "lserve" and self.streaming_heads is not None
                 and any(any(layer) for layer in self.streaming_heads))
-
-    def streaming_layout(self, page_size: int) -> streaming_pool.StreamingLayout:
-        """Streaming heads' decode pages for this page size (LServe, arXiv 2502.14866)."""
-        return streaming_pool.StreamingLayout(page_size=page_size,
-                                              sink_tokens=self.dec_sink_tokens,
-                                              local_tokens=self.dec_local_tokens)
-
-    def budget_pages(self, page_size: int) -> int:
-        """Pages a dense head attends per decode step, K = max(3, token_budget / page_size)."""
-        if self.token_budget < page_size or self.token_budget % page_size:
-            raise ValueError(f"token_budget={self.token_budget} must be a positive multiple of "
-                             f"{page_size=}")
-        k = max(page_selector.MIN_BUDGET_PAGES, self.token_budget // page_size)
-        if self.keep_first_pages > k - 1:
-            raise ValueError(f"keep_first_pages={self.keep_first_pages} leaves no room in a "
-                             f"budget of {k} pages (at most {k - 1})")
-        return k
 
     def layer_streaming(self, layer: int, num_kv_heads: int) -> tuple[bool, ...]:
         """Streaming flags of one layer's KV heads (all False in dense mode)."""
@@ -118,13 +85,41 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, seq_lens: jax.Ar
     streaming = jnp.asarray(config.layer_streaming(layer, k.shape[2]), jnp.int32)
     return sparse_prefill_attention(
         q, k, v, streaming,
-        sink_tokens=config.ctx_sink_tokens, local_tokens=config.ctx_local_tokens,
+        sink_tokens=config.sparsity.ctx_sink_tokens,
+        local_tokens=config.sparsity.ctx_local_tokens,
         seq_lens=seq_lens, impl=config.impl, interpret=config.interpret)
+
+
+def check_cache_pages(cache: KVCache, config: AttentionConfig) -> None:
+    """In LServe mode the cache is read with `config.sparsity`'s page sizes (the streaming
+    layout, the budget in pages, the key statistics): refuse a cache built with others. Static
+    shapes only, so this costs nothing under jit. Dense attention reads any paged cache."""
+    if config.mode != "lserve":
+        return
+    s = config.sparsity
+    if cache.page_size != s.page_size:
+        raise ValueError(f"the cache's page_size={cache.page_size} != the attention config's "
+                         f"sparsity.page_size={s.page_size}; build the cache from the config "
+                         "(llama.cache_spec)")
+    if cache.kmax and cache.logical_page_size != s.logical_page_size:
+        raise ValueError(f"the cache's logical_page_size={cache.logical_page_size} != the "
+                         f"attention config's sparsity.logical_page_size={s.logical_page_size}; "
+                         "build the cache from the config (llama.cache_spec)")
+
+
+def cache_streaming_layout(cache: KVCache, config: AttentionConfig
+                           ) -> streaming_pool.StreamingLayout | None:
+    """The streaming pool's layout of `cache` under `config` (None when it has no streaming
+    pool), after `check_cache_pages`."""
+    check_cache_pages(cache, config)
+    return config.sparsity.streaming_layout if cache.sk else None
 
 
 def _head_split(cache: KVCache, layer: int, config: AttentionConfig
                 ) -> tuple[list[int], list[int]]:
-    """Dense and streaming KV-head ids of a layer, checked against the cache's pools."""
+    """Dense and streaming KV-head ids of a layer, checked against the cache's pools (and, in
+    LServe mode, its page sizes against the config's)."""
+    check_cache_pages(cache, config)
     num_dense = cache.k[layer].shape[0]
     num_kv_heads = num_dense + (cache.sk[layer].shape[0] if cache.sk else 0)
     flags = config.layer_streaming(layer, num_kv_heads)
@@ -180,7 +175,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
         parts.append((pages_d, jnp.zeros_like(pages_d), hi_d.astype(jnp.int32), count_d))
         pools.append((cache.k[layer], cache.v[layer]))
     if stream:
-        layout = config.streaming_layout(page_size)
+        layout = config.sparsity.streaming_layout
         lo_s, hi_s = streaming_pool.page_ranges(layout, lengths)  # [B, n]
         shape = (b, len(stream) * lists_per_head, layout.num_pages)
         widen = lambda x: jnp.broadcast_to(x[:, None], shape)  # noqa: E731
@@ -245,7 +240,7 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
     k = stored.shape[2]
     num_pages = (lengths + cache.page_size - 1) // cache.page_size
     qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
-    per_query_head = config.page_selection == "query_head"
+    per_query_head = config.sparsity.page_selection == "query_head"
     table = cache.page_table[slots]
     if config.impl == "pallas":
         scoring = need & (num_pages > k)
@@ -255,14 +250,14 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
         # The top-K kernel holds a whole row of page scores; longer rows sort in XLA.
         top_k_impl = "pallas" if table.shape[1] <= MAX_SELECT_PAGES else "xla"
         fresh = select_top_pages(scores, num_pages, need, budget_pages=k,
-                                 keep_first_pages=config.keep_first_pages, impl=top_k_impl,
+                                 keep_first_pages=config.sparsity.keep_first_pages, impl=top_k_impl,
                                  interpret=config.interpret)
         return jnp.where(need[:, None, None], fresh, stored)
 
     def score():
         return page_selector.select_dense_pages(
             qd, cache.kmax[layer], cache.kmin[layer], table, num_pages, budget_pages=k,
-            per_query_head=per_query_head, keep_first_pages=config.keep_first_pages)
+            per_query_head=per_query_head, keep_first_pages=config.sparsity.keep_first_pages)
 
     def all_pages():
         column = jnp.arange(k, dtype=jnp.int32)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
-from models.attention import (AttentionConfig, decode_attention, prefill_attention,
-                              select_pages_for_step)
+from models.attention import (AttentionConfig, cache_streaming_layout, decode_attention,
+                              prefill_attention, select_pages_for_step)
 from models.config import LlamaConfig, rope_inv_freq
 from models.kv_cache import KVCache
 
@@ -79,26 +79,32 @@ def _layer(layer: dict, config: LlamaConfig, cache: KVCache, x: jax.Array, cos, 
 
 
 def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: int,
-               page_size: int, max_seqs: int, max_pages_per_seq: int, dtype: str = "float32",
-               logical_page_size: int = 16) -> kv_cache.KVCacheSpec:
-    """The cache this model needs under `attention`: in LServe mode, the dense/streaming head
-    split of the pattern, key statistics and the page selector's state (LServe §4)."""
+               max_seqs: int, max_pages_per_seq: int, dtype: str = "float32",
+               page_size: int | None = None,
+               logical_page_size: int | None = None) -> kv_cache.KVCacheSpec:
+    """The cache this model needs under `attention`: pages of `attention.sparsity.page_size`
+    tokens and, in LServe mode, the dense/streaming head split of the pattern, key statistics
+    per `sparsity.logical_page_size` tokens and the page selector's state (LServe §4).
+
+    `page_size` and `logical_page_size` may be given to state what the caller expects; they must
+    then equal the config's (the page sizes have one source, the `SparsityConfig`)."""
+    s = attention.sparsity
+    for name, value in (("page_size", page_size), ("logical_page_size", logical_page_size)):
+        if value is not None and value != getattr(s, name):
+            raise ValueError(f"cache {name}={value} != the attention config's sparsity.{name}="
+                             f"{getattr(s, name)}; set it in the SparsityConfig instead")
     lserve = attention.mode == "lserve"
     streaming = attention.has_streaming
-    per_query_head = lserve and attention.page_selection == "query_head"
+    per_query_head = lserve and s.page_selection == "query_head"
     return kv_cache.KVCacheSpec(
         num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
-        max_pages_per_seq=max_pages_per_seq, dtype=dtype,
-        logical_page_size=logical_page_size if lserve else None,
+        head_dim=config.head_dim, num_pages=num_pages, page_size=s.page_size,
+        max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq, dtype=dtype,
+        logical_page_size=s.logical_page_size if lserve else None,
         streaming_heads=attention.streaming_heads if streaming else None,
-        streaming_layout=attention.streaming_layout(page_size) if streaming else None,
-        budget_pages=attention.budget_pages(page_size) if lserve else None,
+        streaming_layout=s.streaming_layout if streaming else None,
+        budget_pages=s.budget_pages if lserve else None,
         selection_lists_per_head=config.num_heads // config.num_kv_heads if per_query_head else 1)
-
-
-def _streaming_layout(cache: KVCache, attention: AttentionConfig):
-    return attention.streaming_layout(cache.page_size) if cache.sk else None
 
 
 def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
@@ -120,7 +126,7 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < seq_lens[:, None]
     cos, sin = rope_cos_sin(config, positions)
-    layout = _streaming_layout(cache, attention)
+    layout = cache_streaming_layout(cache, attention)
     x = params["embed"][tokens]  # [B, T, E]
     for i, layer in enumerate(params["layers"]):
         def attend(cache, q, k, v, i=i):
@@ -153,9 +159,9 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     positions = cache.seq_lens[slots][:, None]  # [B, 1]: the new token's position
     lengths = positions[:, 0] + 1
     cos, sin = rope_cos_sin(config, positions)
-    layout = _streaming_layout(cache, attention)
+    layout = cache_streaming_layout(cache, attention)
     num_pages = (lengths + cache.page_size - 1) // cache.page_size
-    need = active & ((cache.decode_steps[slots] % attention.selector_interval == 0)
+    need = active & ((cache.decode_steps[slots] % attention.sparsity.selector_interval == 0)
                      | (num_pages != cache.selected_num_pages[slots]))
     x = params["embed"][tokens][:, None]  # [B, 1, E]
     for i, layer in enumerate(params["layers"]):
@@ -214,10 +220,9 @@ def forward(params: dict, tokens: jax.Array, *, config: LlamaConfig,
     """
     b, t = tokens.shape
     dtype = params["embed"].dtype
-    page_size = 16
-    pages_per_seq = -(-t // page_size)
-    spec = cache_spec(config, attention, num_pages=b * pages_per_seq + 1, page_size=page_size,
-                      max_seqs=b, max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
+    pages_per_seq = -(-t // attention.sparsity.page_size)
+    spec = cache_spec(config, attention, num_pages=b * pages_per_seq + 1, max_seqs=b,
+                      max_pages_per_seq=pages_per_seq, dtype=jnp.dtype(dtype).name)
     cache = kv_cache.init_cache(spec)
     for slot in range(b):
         cache, _ = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(t))

@@ -79,10 +79,11 @@ def greedy_sampling(b):
                           top_p=jnp.ones(b), keys=jnp.zeros((b, 2), jnp.uint32))
 
 
-def generate_greedy(params, config, attention, prompts, n, *, t=16, page_size=4,
-                    logical_page_size=2, slots=None, max_seqs=None, spec_overrides=None):
+def generate_greedy(params, config, attention, prompts, n, *, t=16, slots=None, max_seqs=None,
+                    spec_overrides=None):
     """Greedy n tokens per prompt (padded to t tokens, so equal batch sizes share a compile)
-    through the jitted start + run loop on a fresh cache; returns ids [B, n] and the state."""
+    through the jitted start + run loop on a fresh cache with `attention.sparsity`'s page sizes;
+    returns ids [B, n] and the state."""
     import dataclasses
 
     from lserve_jax import decode_loop
@@ -90,10 +91,9 @@ def generate_greedy(params, config, attention, prompts, n, *, t=16, page_size=4,
 
     b = len(prompts)
     slots = list(range(b)) if slots is None else slots
-    pages = -(-(t + n) // page_size)
+    pages = -(-(t + n) // attention.sparsity.page_size)
     spec = llama.cache_spec(config, attention, num_pages=(max_seqs or b) * pages + 1,
-                            page_size=page_size, max_seqs=max_seqs or b, max_pages_per_seq=pages,
-                            logical_page_size=logical_page_size)
+                            max_seqs=max_seqs or b, max_pages_per_seq=pages)
     cache = kv_cache.init_cache(dataclasses.replace(spec, **(spec_overrides or {})))
     for s, p in zip(slots, prompts):
         cache, ok = kv_cache.reserve(cache, s, len(p) + n)

@@ -1,7 +1,9 @@
 """Head calibration (DuoAttention gates, profiling baseline) and the accuracy harness, on tiny
 random models: the math against references, and both command lines end to end."""
 
+import dataclasses
 import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from lserve_jax import calibrate, corpus, eval as harness, head_pattern
 from lserve_jax.checkpoint import Tokenizer, default_gguf, load_checkpoint, resolve_checkpoint
 from models import llama
 from models.attention import AttentionConfig, prefill_attention
+from models.sparsity import SparsityConfig
 from models.config import LlamaConfig
 from models.params import init_params
 
@@ -57,8 +60,8 @@ def test_gated_attention_at_gates_0_and_1_is_lserve_prefill(seed):
     sink, recent = int(rng.integers(0, 16)), int(rng.integers(1, 40))
     gates = jnp.asarray([0.0 if f else 1.0 for f in flags])
     out = calibrate.gated_attention(q, k, v, gates, sink=sink, recent=recent)
-    att = AttentionConfig(mode="lserve", impl="xla", ctx_sink_tokens=sink,
-                          ctx_local_tokens=recent, streaming_heads=(flags,))
+    att = AttentionConfig(mode="lserve", impl="xla", streaming_heads=(flags,),
+                          sparsity=SparsityConfig(ctx_sink_tokens=sink, ctx_local_tokens=recent))
     ref = prefill_attention(q, k, v, jnp.full((b,), t, jnp.int32), layer=0, config=att)
     assert_close(out, ref)
     half = calibrate.gated_attention(q, k, v, jnp.full((hkv,), 0.25), sink=sink, recent=recent)
@@ -201,12 +204,14 @@ def test_cache_from_dense_equals_lserve_prefill():
     LServe prefill, as long as the prefill window covers the prompt; otherwise it refuses."""
     config, params = _tiny_model(4)
     streaming = ((True, False), (False, True))
-    att = AttentionConfig(mode="lserve", impl="xla", ctx_sink_tokens=4, ctx_local_tokens=200,
-                          streaming_heads=streaming, dec_sink_tokens=16, dec_local_tokens=32,
-                          token_budget=48, selector_interval=2)
-    runner = harness.Runner(config, params, max_tokens=160, page_size=16)
+    pages = dict(page_size=16, logical_page_size=16)  # one logical page per page
+    knobs = SparsityConfig(**pages, ctx_sink_tokens=4, ctx_local_tokens=200, dec_sink_tokens=16,
+                           dec_local_tokens=32, token_budget=48, selector_interval=2,
+                           keep_first_pages=0)  # LServe's rule
+    att = AttentionConfig(mode="lserve", impl="xla", streaming_heads=streaming, sparsity=knobs)
+    runner = harness.Runner(config, params, max_tokens=160)
     ids = np.random.default_rng(5).integers(0, 64, 120).tolist()
-    dense_cache, _ = runner.prefill(AttentionConfig(), ids, 130)
+    dense_cache, _ = runner.prefill(AttentionConfig(sparsity=SparsityConfig(**pages)), ids, 130)
     rebuilt = harness.cache_from_dense(dense_cache, runner.empty_cache(att, 130), len(ids),
                                        config=config, attention=att)
     direct, _ = runner.prefill(att, ids, 130)
@@ -220,7 +225,7 @@ def test_cache_from_dense_equals_lserve_prefill():
     _, top_b, lp_b, _ = runner.decode(att, direct, steps, steps[1:] + [0], [True] * 10)
     np.testing.assert_array_equal(top_a, top_b)
     assert_close(lp_a, lp_b)
-    narrow = AttentionConfig(**{**att.__dict__, "ctx_local_tokens": 64})
+    narrow = dataclasses.replace(att, sparsity=dataclasses.replace(knobs, ctx_local_tokens=64))
     with pytest.raises(ValueError, match="prefill it instead"):
         harness.cache_from_dense(dense_cache, runner.empty_cache(narrow, 130), len(ids),
                                  config=config, attention=narrow)

@@ -8,11 +8,13 @@ import pytest
 from conftest import gather_pages, generate_greedy, greedy_sampling
 from lserve_jax import decode_loop
 from lserve_jax.sampling import SamplingArrays, SamplingParams, sample
-from models import AttentionConfig, KVCacheSpec, LlamaConfig, init_params, kv_cache, llama
+from models import (AttentionConfig, KVCacheSpec, LlamaConfig, SparsityConfig, init_params,
+                    kv_cache, llama)
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
                      num_heads=6, num_kv_heads=2, head_dim=8, rope_theta=500.0)
-ATTN = AttentionConfig()
+# Dense attention on small pages (4 tokens), so short prompts span several.
+ATTN = AttentionConfig(sparsity=SparsityConfig(page_size=4, logical_page_size=2))
 
 
 @pytest.fixture(scope="module")

@@ -278,13 +278,15 @@ def test_gpu_decode_step_lowers_to_triton(mode, page_selection):
     from conftest import lower_for_cuda
     from models import kv_cache, llama
     from models.attention import AttentionConfig
+    from models.sparsity import SparsityConfig
     from models.config import LlamaConfig
     from models.params import param_shapes
 
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=128, num_layers=2,
                          num_heads=9, num_kv_heads=3, head_dim=64)
-    attention = AttentionConfig(mode=mode, impl="pallas", token_budget=256,
-                                page_selection=page_selection, keep_first_pages=1,
+    sparsity = SparsityConfig(token_budget=256, page_selection=page_selection,
+                              keep_first_pages=1)
+    attention = AttentionConfig(mode=mode, impl="pallas", sparsity=sparsity,
                                 streaming_heads=((True, False, True), (False, True, False)))
     if mode == "dense":
         attention = dataclasses.replace(attention, streaming_heads=None)

@@ -1,6 +1,7 @@
 """LServe decode: the two page pools, the page selector with reuse, and the paged decode kernel in
 the model, checked against brute force and against dense attention."""
 
+import dataclasses
 import functools
 import math
 
@@ -10,14 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import generate_greedy
-from models import AttentionConfig, LlamaConfig, init_params, kv_cache, llama
+from models import AttentionConfig, LlamaConfig, SparsityConfig, init_params, kv_cache, llama
 from models.attention import decode_attention, select_pages_for_step
-from lserve_jax.sparsity import SparsityConfig
 from models.page_selector import reference_select_pages
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
                      num_heads=6, num_kv_heads=2, head_dim=8, rope_theta=500.0)
 MIXED = ((True, False), (False, True))
+# The generation tests' pages: 4 tokens, statistics per 2.
+PAGES = dict(page_size=4, logical_page_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +87,12 @@ def test_decode_step_matches_brute_force(per_query_head, keep_first, impl):
     page_size, lps, sink, local, budget = (x * scale for x in (4, 2, 4, 8, 12))
     flags = (True, False, False)  # KV heads 0: streaming; 1, 2: dense
     hkv, g, d = 3, 2, 16
+    sparsity = SparsityConfig(page_size=page_size, logical_page_size=lps, dec_sink_tokens=sink,
+                              dec_local_tokens=local, token_budget=budget,
+                              page_selection="query_head" if per_query_head else "kv_head",
+                              keep_first_pages=keep_first)
     attention = AttentionConfig(mode="lserve", impl=impl, interpret=True,
-                                streaming_heads=(flags,), dec_sink_tokens=sink,
-                                dec_local_tokens=local, token_budget=budget,
-                                page_selection="query_head" if per_query_head else "kv_head",
-                                keep_first_pages=keep_first)
+                                streaming_heads=(flags,), sparsity=sparsity)
     config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
                          num_heads=hkv * g, num_kv_heads=hkv, head_dim=d)
     spec = llama.cache_spec(config, attention, num_pages=40, page_size=page_size, max_seqs=3,
@@ -107,7 +110,7 @@ def test_decode_step_matches_brute_force(per_query_head, keep_first, impl):
     # With impl="pallas", the one-token appends go through the append kernel (interpret mode).
     write = jax.jit(functools.partial(kv_cache.write_tokens, impl=impl, interpret=True),
                     static_argnames=("layer", "streaming_heads", "layout"))
-    layout = attention.streaming_layout(page_size)
+    layout = sparsity.streaming_layout
 
     def put(cache, start, stop):
         t = stop - start
@@ -156,11 +159,12 @@ def test_covering_budget_and_windows_equal_dense(params, page_selection, streami
     """LServe with a token budget and decode windows covering the whole sequence generates the
     dense tokens, token for token (greedy, f32), on a ragged batch with mixed head kinds."""
     prompts = _prompts(0, (30, 17, 5))
-    dense, _ = _generate(params, AttentionConfig(), prompts, 20)
+    dense, _ = _generate(params, AttentionConfig(sparsity=SparsityConfig(**PAGES)), prompts, 20)
+    sparsity = SparsityConfig(**PAGES, ctx_local_tokens=64, dec_sink_tokens=4,
+                              dec_local_tokens=64, token_budget=64, selector_interval=3,
+                              page_selection=page_selection)
     attention = AttentionConfig(mode="lserve", streaming_heads=streaming_heads,
-                                ctx_local_tokens=64,
-                                dec_sink_tokens=4, dec_local_tokens=64, token_budget=64,
-                                selector_interval=3, page_selection=page_selection)
+                                sparsity=sparsity)
     lserve, state = _generate(params, attention, prompts, 20)
     np.testing.assert_array_equal(lserve, dense)
     # Each pool holds its kind of head only.
@@ -174,14 +178,19 @@ def test_small_budget_logits_match_decode_reference(params):
     equal those of the same step with the Pallas kernel in interpret mode (the two impls agree
     through selection, ring wraparound and reuse), and differ from dense."""
     prompts = _prompts(1, (70, 30))
-    kw = dict(mode="lserve", streaming_heads=MIXED, ctx_sink_tokens=16, ctx_local_tokens=32,
-              dec_sink_tokens=16, dec_local_tokens=32, token_budget=48, selector_interval=2)
-    run = dict(t=96, page_size=16, logical_page_size=4)  # the kernel's pages are >= 16 tokens
-    xla, _ = _generate(params, AttentionConfig(**kw), prompts, 24, **run)
+    pages = dict(page_size=16, logical_page_size=4)  # the kernel's pages are >= 16 tokens
+    # keep_first_pages=0: LServe's selection rule (the shipped 1 is covered by the brute-force
+    # test above).
+    sparsity = SparsityConfig(**pages, ctx_sink_tokens=16, ctx_local_tokens=32,
+                              dec_sink_tokens=16, dec_local_tokens=32, token_budget=48,
+                              selector_interval=2, keep_first_pages=0)
+    kw = dict(mode="lserve", streaming_heads=MIXED, sparsity=sparsity)
+    xla, _ = _generate(params, AttentionConfig(**kw), prompts, 24, t=96)
     pallas, _ = _generate(params, AttentionConfig(impl="pallas", interpret=True, **kw), prompts,
-                          24, **run)
+                          24, t=96)
     np.testing.assert_array_equal(pallas, xla)
-    dense, _ = _generate(params, AttentionConfig(), prompts, 24, **run)
+    dense, _ = _generate(params, AttentionConfig(sparsity=SparsityConfig(**pages)), prompts, 24,
+                         t=96)
     assert (xla != dense).any()  # the sparsity is real on this random model
 
 
@@ -191,10 +200,12 @@ def test_selection_is_reused_between_intervals(params):
     prompts = _prompts(2, (31,))
     history = {}
     for interval in (1, 3):
-        attention = AttentionConfig(mode="lserve", token_budget=12,
-                                    selector_interval=interval, page_selection="query_head")
-        spec = llama.cache_spec(CONFIG, attention, num_pages=20, page_size=4, max_seqs=1,
-                                max_pages_per_seq=16, logical_page_size=2)
+        # keep_first_pages=0: LServe's rule, so every page's score counts.
+        sparsity = SparsityConfig(**PAGES, token_budget=12, selector_interval=interval,
+                                  page_selection="query_head", keep_first_pages=0)
+        attention = AttentionConfig(mode="lserve", sparsity=sparsity)
+        spec = llama.cache_spec(CONFIG, attention, num_pages=20, max_seqs=1,
+                                max_pages_per_seq=16)
         cache, _ = kv_cache.reserve(kv_cache.init_cache(spec), 0, 60)
         prefill = jax.jit(llama.prefill, static_argnames=("config", "attention"))
         decode = jax.jit(llama.decode, static_argnames=("config", "attention"))
@@ -224,9 +235,10 @@ def test_selection_is_reused_between_intervals(params):
 
 
 def test_ragged_batch_equals_each_prompt_alone(params):
-    attention = AttentionConfig(mode="lserve", streaming_heads=MIXED, ctx_sink_tokens=4,
-                                ctx_local_tokens=8, dec_sink_tokens=4, dec_local_tokens=8,
-                                token_budget=12, selector_interval=2)
+    sparsity = SparsityConfig(**PAGES, ctx_sink_tokens=4, ctx_local_tokens=8, dec_sink_tokens=4,
+                              dec_local_tokens=8, token_budget=12, selector_interval=2,
+                              keep_first_pages=0)  # LServe's rule
+    attention = AttentionConfig(mode="lserve", streaming_heads=MIXED, sparsity=sparsity)
     prompts = _prompts(3, (27, 6, 14))
     batched, _ = _generate(params, attention, prompts, 14, slots=[2, 0, 1])
     for i, p in enumerate(prompts):
@@ -234,22 +246,42 @@ def test_ragged_batch_equals_each_prompt_alone(params):
         np.testing.assert_array_equal(batched[i], alone[0])
 
 
-def test_cache_spec_and_config_validation():
+def test_cache_spec_and_config_validation(params):
     with pytest.raises(ValueError, match="multiple"):
-        AttentionConfig(mode="lserve", token_budget=10).budget_pages(4)
+        SparsityConfig(**PAGES, token_budget=10)
     with pytest.raises(ValueError, match="page_selection"):
-        AttentionConfig(mode="lserve", page_selection="per_page")
+        SparsityConfig(page_selection="per_page")
     with pytest.raises(ValueError, match="selector_interval"):
-        AttentionConfig(mode="lserve", selector_interval=0)
-    with pytest.raises(ValueError, match="keep_first_pages"):
-        AttentionConfig(mode="lserve", token_budget=256, keep_first_pages=4).budget_pages(64)
+        SparsityConfig(selector_interval=0)
     with pytest.raises(ValueError, match="keep_first_pages"):
         SparsityConfig(token_budget=256, keep_first_pages=4)
     assert SparsityConfig(token_budget=256, keep_first_pages=3).keep_first_pages == 3
-    spec = llama.cache_spec(CONFIG, AttentionConfig(mode="lserve", streaming_heads=MIXED,
-                                                    page_selection="query_head"),
-                            num_pages=9, page_size=64, max_seqs=2, max_pages_per_seq=4)
+    with pytest.raises(TypeError, match="SparsityConfig"):
+        AttentionConfig(mode="lserve", sparsity=dict(token_budget=256))
+    attention = AttentionConfig(mode="lserve", streaming_heads=MIXED,
+                                sparsity=SparsityConfig(page_selection="query_head"))
+    spec = llama.cache_spec(CONFIG, attention, num_pages=9, page_size=64, max_seqs=2,
+                            max_pages_per_seq=4)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(spec))
     assert cache.k[0].shape == (1, 9, 64, 8) and cache.sk[1].shape == (1, 1 + 2 * 7, 64, 8)
     assert cache.selected[0].shape == (2, 3, 64) and cache.kmax[0].shape == (1, 9, 4, 8)
     assert cache.stream_table.shape == (2, 7)
+    # The page sizes have one source: a cache with others is refused where it is built ...
+    with pytest.raises(ValueError, match="page_size=16 != .*sparsity.page_size=64"):
+        llama.cache_spec(CONFIG, attention, num_pages=9, page_size=16, max_seqs=2,
+                         max_pages_per_seq=4)
+    with pytest.raises(ValueError, match="logical_page_size=8 != .*logical_page_size=16"):
+        llama.cache_spec(CONFIG, attention, num_pages=9, logical_page_size=8, max_seqs=2,
+                         max_pages_per_seq=4)
+    # ... and where LServe attention reads it.
+    other = dataclasses.replace(spec, page_size=32, streaming_layout=dataclasses.replace(
+        spec.streaming_layout, page_size=32))
+    cache = kv_cache.init_cache(other)
+    ids = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="page_size=32 != .*sparsity.page_size=64"):
+        llama.decode(params, cache, ids, ids, jnp.ones((2,), bool), config=CONFIG,
+                     attention=attention)
+    coarse = kv_cache.init_cache(dataclasses.replace(spec, logical_page_size=32))
+    with pytest.raises(ValueError, match="logical_page_size=32 != .*logical_page_size=16"):
+        llama.decode(params, coarse, ids, ids, jnp.ones((2,), bool), config=CONFIG,
+                     attention=attention)

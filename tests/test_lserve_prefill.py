@@ -7,7 +7,7 @@ import pytest
 
 from lserve_jax import LLM, SamplingParams
 from lserve_jax.head_pattern import write_head_pattern
-from models import AttentionConfig, LlamaConfig, init_params, llama
+from models import AttentionConfig, LlamaConfig, SparsityConfig, init_params, llama
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -24,9 +24,10 @@ def setup():
     return params, tokens, dense
 
 
-def _logits(params, tokens, **kw):
-    return np.asarray(llama.forward(params, tokens, config=CONFIG,
-                                    attention=AttentionConfig(mode="lserve", **kw)))
+def _logits(params, tokens, *, streaming_heads, impl="xla", interpret=False, **knobs):
+    attention = AttentionConfig(mode="lserve", impl=impl, interpret=interpret,
+                                streaming_heads=streaming_heads, sparsity=SparsityConfig(**knobs))
+    return np.asarray(llama.forward(params, tokens, config=CONFIG, attention=attention))
 
 
 def test_windows_covering_the_prompt_equal_dense(setup):
