@@ -1,7 +1,19 @@
-"""lserve_jax: LServe's unified sparse attention for long-sequence LLM serving, in JAX/Pallas."""
+"""lserve_jax: LServe's unified sparse attention for long-sequence LLM serving, in JAX/Pallas.
 
-from lserve_jax.llm import LLM, GenerationStats, RequestOutput
-from lserve_jax.sampling import SamplingParams
-from lserve_jax.sparsity import SparsityConfig
+The public names are imported on first use, so host-only parts (`lserve_jax.engine`'s page pool
+and scheduler, `lserve_jax.inputs`) load without JAX.
+"""
 
-__all__ = ["LLM", "GenerationStats", "RequestOutput", "SamplingParams", "SparsityConfig"]
+import importlib
+
+_PUBLIC = {"LLM": "lserve_jax.llm", "GenerationStats": "lserve_jax.llm",
+           "RequestOutput": "lserve_jax.llm", "SamplingParams": "lserve_jax.sampling",
+           "SparsityConfig": "lserve_jax.sparsity"}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'lserve_jax' has no attribute {name!r}")
