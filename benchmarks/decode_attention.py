@@ -37,11 +37,12 @@ memory cap (then the working set is below the target, as the record shows).
 One timed call runs rotation x `steps` decode steps of the layer in a `fori_loop` (steps = 8
 per slot on GPU, so launch overhead is amortised; 4 on CPU; a multiple of every interval) with
 the cache donated and carried, as the serving loop does. A step is LServe's decode step
-(append, select, attend) for the layer and its set of slots: write the new token's K/V (it
-rewrites the newest token in place, so the context and the work stay the same from call to
-call; LServe also folds the key into its logical page's max/min), then for LServe
-`select_pages_for_step`, then `decode_attention`. A slot set's selection is recomputed on its visits whose count is a multiple of the interval and reused
-otherwise, as `llama.decode` does. The write is cheap (one token), but it makes every step read a
+(append, select, attend) for the layer and its set of slots, run by the model's own per-layer
+attention `models.attention.attend_layer`: write the new token's K/V (it rewrites the newest
+token in place, so the context and the work stay the same from call to call; LServe also folds
+the key into its logical page's max/min), then for LServe `select_pages_for_step`, then
+`decode_attention`. A slot set's selection is recomputed on its visits whose count is a
+multiple of the interval and reused otherwise, as `llama.decode` does. The write is cheap (one token), but it makes every step read a
 cache the previous step wrote, so XLA can neither merge nor hoist the page gathers of the steps.
 Reported: median over calls / steps, which includes one loop iteration per layer step (the model
 pays one per token for all its layers).
@@ -85,12 +86,7 @@ from benchmarks.provenance import copy_bandwidth, device_slug, emit, git_commit 
 from lserve_jax.head_pattern import num_streaming_heads  # noqa: E402
 from lserve_jax.sparsity import SparsityConfig  # noqa: E402
 from models import kv_cache, llama  # noqa: E402
-from models.attention import (  # noqa: E402
-    AttentionConfig,
-    cache_streaming_layout,
-    decode_attention,
-    select_pages_for_step,
-)
+from models.attention import AttentionConfig, LayerStep, attend_layer  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 
 SPARSITY = SparsityConfig()  # the shipped knobs
@@ -216,24 +212,19 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
     """
     positions = (lengths - 1)[:, None]  # [B, 1]
     valid = jnp.ones_like(positions, bool)
-    layout = cache_streaming_layout(cache, attention)
-    flags = attention.layer_streaming(0, NUM_KV_HEADS)
+    attention = attention.for_layer(0, NUM_KV_HEADS)
     base = jnp.arange(batch, dtype=jnp.int32)
 
     def step(i, carry):
         cache, acc = carry
-        slots = (i % rotation) * batch + base
-        cache = kv_cache.write_tokens(cache, 0, slots, positions, valid, lengths, new_kv[i, 0],
-                                      new_kv[i, 1], streaming_heads=flags, layout=layout,
-                                      impl=attention.impl, interpret=attention.interpret)
-        selected = None
-        if attention.mode == "lserve":
-            need = jnp.full((batch,), (i // rotation) % attention.sparsity.selector_interval == 0)
-            selected = select_pages_for_step(qs[i], cache, slots, lengths, need, layer=0,
-                                             config=attention)
-            cache = cache.replace_layer(0, selected=cache.selected[0].at[slots].set(selected))
-        out = decode_attention(qs[i], cache, slots, lengths, selected, layer=0, config=attention)
-        return cache, acc + out.astype(jnp.float32)
+        need = jnp.full((batch,), (i // rotation) % attention.sparsity.selector_interval == 0)
+        inputs = LayerStep(slots=(i % rotation) * batch + base, positions=positions,
+                           valid=valid, lengths=lengths, cos=None, sin=None, need=need,
+                           decode=True)
+        # The model's own per-layer attention (store, select, attend), minus the projections.
+        cache, out = attend_layer(cache, qs[i][:, None], new_kv[i, 0], new_kv[i, 1], inputs,
+                                  config=attention)
+        return cache, acc + out[:, 0].astype(jnp.float32)
 
     return jax.lax.fori_loop(0, qs.shape[0], step, (cache, jnp.zeros(qs.shape[1:], jnp.float32)))
 

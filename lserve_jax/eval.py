@@ -38,7 +38,7 @@ from lserve_jax import corpus, head_pattern
 from lserve_jax.provenance import git_commit
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
-from models.attention import AttentionConfig, cache_streaming_layout
+from models.attention import AttentionConfig, LayerStep, store_layer
 from models.config import LlamaConfig
 
 log = logging.getLogger("lserve_jax")
@@ -243,15 +243,15 @@ def _cache_from_dense(dense, cache, length, *, config, attention):
     valid = positions < length
     pages = dense.page_table[0][positions[0] // s]
     offsets = positions[0] % s
-    slots = jnp.zeros((1,), jnp.int32)
-    lengths = jnp.reshape(length, (1,))
-    layout = cache_streaming_layout(cache, attention)
+    # The layer steps' own store (`store_layer`), fed the dense prefill's keys and values.
+    step = LayerStep(slots=jnp.zeros((1,), jnp.int32), positions=positions, valid=valid,
+                     lengths=jnp.reshape(length, (1,)), cos=None, sin=None)
     for i in range(config.num_layers):
         k = dense.k[i][:, pages, offsets].transpose(1, 0, 2)[None]  # [1, T, Hkv, D]
         v = dense.v[i][:, pages, offsets].transpose(1, 0, 2)[None]
-        cache = kv_cache.write_tokens(
-            cache, i, slots, positions, valid, lengths, k, v,
-            streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
+        view = store_layer(cache.layer_view(i), k, v, step,
+                           config=attention.for_layer(i, config.num_kv_heads))
+        cache = cache.with_layer(i, view)
     return cache.replace(seq_lens=cache.seq_lens.at[0].set(length),
                          decode_steps=cache.decode_steps.at[0].set(0),
                          selected_num_pages=cache.selected_num_pages.at[0].set(-1))

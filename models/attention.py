@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from models import page_selector, streaming_pool
 from models import kv_cache
@@ -61,6 +62,14 @@ class AttentionConfig:
     def has_streaming(self) -> bool:
         return (self.mode == "lserve" and self.streaming_heads is not None
                 and any(any(layer) for layer in self.streaming_heads))
+
+    def for_layer(self, layer: int, num_kv_heads: int) -> AttentionConfig:
+        """The config as layer `layer` sees it: its streaming flags as the only layer, to go
+        with a one-layer cache view (`KVCache.layer_view`)."""
+        if self.streaming_heads is None:
+            return self
+        return dataclasses.replace(self,
+                                   streaming_heads=(self.layer_streaming(layer, num_kv_heads),))
 
     def layer_streaming(self, layer: int, num_kv_heads: int) -> tuple[bool, ...]:
         """Streaming flags of one layer's KV heads (all False in dense mode)."""
@@ -266,3 +275,57 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
 
     fresh = jax.lax.cond(jnp.any(need & (num_pages > k)), score, all_pages)
     return jnp.where(need[:, None, None], fresh, stored)
+
+
+@struct.dataclass
+class LayerStep:
+    """What every layer of one forward step shares, besides its params, x and its cache view.
+
+    slots [B] cache rows; positions, valid [B, T] each token's position and whether it is
+    stored (padding and inactive rows are not); lengths [B] tokens of each slot once these are
+    written (a prefill attends within them, a decode step over them); cos, sin [B, T, D] RoPE;
+    need [B] the decode rows whose page selection is recomputed (None in a prefill).
+    `decode` (static): one new token per row over the paged cache, else whole prompts.
+    """
+
+    slots: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    need: jax.Array | None = None
+    decode: bool = struct.field(pytree_node=False, default=False)
+
+
+def store_layer(cache: KVCache, k: jax.Array, v: jax.Array, step: LayerStep, *,
+                config: AttentionConfig) -> KVCache:
+    """Write a layer's new keys and values (k, v [B, T, Hkv, D], post-RoPE) into a one-layer
+    cache view (`KVCache.layer_view`), `config` from `AttentionConfig.for_layer`: dense heads
+    into their pages and key statistics, streaming heads into their sink and ring."""
+    return kv_cache.write_tokens(
+        cache, 0, step.slots, step.positions, step.valid, step.lengths, k, v,
+        streaming_heads=config.layer_streaming(0, k.shape[2]),
+        layout=cache_streaming_layout(cache, config), impl=config.impl,
+        interpret=config.interpret)
+
+
+def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step: LayerStep, *,
+                 config: AttentionConfig) -> tuple[KVCache, jax.Array]:
+    """A layer's attention with its KV cache: store k, v, then attend. q [B, T, Hq, D]; cache
+    a one-layer view and `config` its layer's (`for_layer`). Returns (cache, out [B, T, Hq, D]).
+
+    A prefill attends within the prompts (`prefill_attention`); a decode step (T = 1) selects
+    the dense heads' pages for rows in `step.need` (LServe), keeps the selection in the cache,
+    and attends over the pages (`decode_attention`)."""
+    cache = store_layer(cache, k, v, step, config=config)
+    if not step.decode:
+        return cache, prefill_attention(q, k, v, step.lengths, layer=0, config=config)
+    selected = None
+    if cache.selected:
+        selected = select_pages_for_step(q[:, 0], cache, step.slots, step.lengths, step.need,
+                                         layer=0, config=config)
+        cache = cache.replace_layer(0, selected=cache.selected[0].at[step.slots].set(selected))
+    out = decode_attention(q[:, 0], cache, step.slots, step.lengths, selected, layer=0,
+                           config=config)
+    return cache, out[:, None]

@@ -52,6 +52,7 @@ from pallas_kernels import append_tokens
 from models.streaming_pool import StreamingLayout
 
 NULL_PAGE = 0
+PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected")  # KVCache's per-layer tuples
 
 
 @struct.dataclass
@@ -97,6 +98,20 @@ class KVCache:
     def budget_pages(self) -> int | None:
         """Pages a dense head attends per decode step; None when no selection state is kept."""
         return self.selected[0].shape[2] if self.selected else None
+
+    def layer_view(self, layer: int) -> KVCache:
+        """The cache as one layer sees it: a one-layer cache holding entry `layer` of every
+        per-layer tuple (`PER_LAYER`) and the shared page tables, lengths and clocks. A layer
+        step reads and writes only this view (models/llama.py `layer_step`); `with_layer` puts
+        its per-layer arrays back. Views cost nothing under jit (no array is copied)."""
+        return self.replace(**{name: getattr(self, name)[layer:layer + 1]
+                               for name in PER_LAYER})
+
+    def with_layer(self, layer: int, view: KVCache) -> KVCache:
+        """The cache with entry `layer` of the per-layer arrays taken from a one-layer `view`
+        (from `layer_view`); the shared arrays are this cache's (a layer step leaves them)."""
+        return self.replace_layer(layer, **{name: getattr(view, name)[0]
+                                            for name in PER_LAYER if getattr(view, name)})
 
     def replace_layer(self, layer: int, **arrays: jax.Array) -> KVCache:
         """The cache with entry `layer` of the named per-layer tuples replaced."""

@@ -1,6 +1,6 @@
 """Functional Llama: pure forward passes over a params pytree and a paged KV cache.
 
-Two entry points share the layer code:
+Two entry points share the layer code (`layer_step`, one pure function per layer):
 
     prefill(params, cache, tokens [B, T], seq_lens [B], slots [B]) -> (cache, logits)
     decode(params, cache, tokens [B], slots [B], active [B])        -> (cache, logits [B, V])
@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
-from models.attention import (AttentionConfig, cache_streaming_layout, decode_attention,
-                              prefill_attention, select_pages_for_step)
+from models.attention import AttentionConfig, LayerStep, attend_layer, check_cache_pages
 from models.config import LlamaConfig, rope_inv_freq
 from models.kv_cache import KVCache
 
@@ -63,19 +62,42 @@ def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _layer(layer: dict, config: LlamaConfig, cache: KVCache, x: jax.Array, cos, sin,
-           attend) -> tuple[KVCache, jax.Array]:
-    """One decoder layer, pure: (cache, x [B, T, E]) -> (cache, x).
+def _block(layer: dict, config: LlamaConfig, x: jax.Array, cos, sin, attend, state):
+    """The decoder block around an attention: (x [B, T, E], state) -> (x, state).
 
-    `attend(cache, q, k, v) -> (cache, out [B, T, Hq, D])` stores the layer's keys/values and
-    attends; prefill and decode differ only there.
+    `attend(state, q, k, v) -> (state, out [B, T, Hq, D])` is the only part that differs between
+    a cached step (`layer_step`, state = the layer's cache) and calibration (`hidden_states`).
     """
     b, t, _ = x.shape
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q, k, v = _qkv(layer, config, h, cos, sin)
-    cache, attn = attend(cache, q, k, v)
+    state, attn = attend(state, q, k, v)
     x = x + attn.reshape(b, t, -1) @ layer["wo"]
-    return cache, x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    return x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)), state
+
+
+def layer_step(layer: dict, x: jax.Array, cache: KVCache, step: LayerStep, *,
+               config: LlamaConfig, attention: AttentionConfig) -> tuple[jax.Array, KVCache]:
+    """One decoder layer of a cached forward step, pure: (layer params, x [B, T, E], the layer's
+    cache, the step's inputs) -> (x, the layer's cache).
+
+    `cache` is a one-layer view (`KVCache.layer_view`) and `attention` the layer's config
+    (`AttentionConfig.for_layer`); the layer stores its keys and values and attends
+    (`attend_layer`). Prefill, decode, the accuracy harness and the benchmarks all run layers
+    through this function (or `run_layers`).
+    """
+    return _block(layer, config, x, step.cos, step.sin,
+                  lambda c, q, k, v: attend_layer(c, q, k, v, step, config=attention), cache)
+
+
+def run_layers(params: dict, cache: KVCache, x: jax.Array, step: LayerStep, *,
+               config: LlamaConfig, attention: AttentionConfig) -> tuple[jax.Array, KVCache]:
+    """Every layer's `layer_step` in order, each on its view of `cache`."""
+    for i, layer in enumerate(params["layers"]):
+        x, view = layer_step(layer, x, cache.layer_view(i), step, config=config,
+                             attention=attention.for_layer(i, config.num_kv_heads))
+        cache = cache.with_layer(i, view)
+    return x, cache
 
 
 def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: int,
@@ -124,18 +146,11 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = positions < seq_lens[:, None]
     cos, sin = rope_cos_sin(config, positions)
-    layout = cache_streaming_layout(cache, attention)
-    x = params["embed"][tokens]  # [B, T, E]
-    for i, layer in enumerate(params["layers"]):
-        def attend(cache, q, k, v, i=i):
-            cache = kv_cache.write_tokens(
-                cache, i, slots, positions, valid, seq_lens, k, v,
-                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout)
-            return cache, prefill_attention(q, k, v, seq_lens, layer=i, config=attention)
-
-        cache, x = _layer(layer, config, cache, x, cos, sin, attend)
+    step = LayerStep(slots=slots, positions=positions, valid=positions < seq_lens[:, None],
+                     lengths=seq_lens, cos=cos, sin=sin)
+    x, cache = run_layers(params, cache, params["embed"][tokens], step, config=config,
+                          attention=attention)
     if not all_logits:
         last = jnp.clip(seq_lens - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, E]
@@ -159,27 +174,14 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     positions = cache.seq_lens[slots][:, None]  # [B, 1]: the new token's position
     lengths = positions[:, 0] + 1
     cos, sin = rope_cos_sin(config, positions)
-    layout = cache_streaming_layout(cache, attention)
+    check_cache_pages(cache, attention)
     num_pages = (lengths + cache.page_size - 1) // cache.page_size
     need = active & ((cache.decode_steps[slots] % attention.sparsity.selector_interval == 0)
                      | (num_pages != cache.selected_num_pages[slots]))
-    x = params["embed"][tokens][:, None]  # [B, 1, E]
-    for i, layer in enumerate(params["layers"]):
-        def attend(cache, q, k, v, i=i):
-            cache = kv_cache.write_tokens(
-                cache, i, slots, positions, active[:, None], lengths, k, v,
-                streaming_heads=attention.layer_streaming(i, config.num_kv_heads), layout=layout,
-                impl=attention.impl, interpret=attention.interpret)
-            selected = None
-            if cache.selected:
-                selected = select_pages_for_step(q[:, 0], cache, slots, lengths, need, layer=i,
-                                                 config=attention)
-                cache = cache.replace_layer(i, selected=cache.selected[i].at[slots].set(selected))
-            out = decode_attention(q[:, 0], cache, slots, lengths, selected, layer=i,
-                                   config=attention)
-            return cache, out[:, None]
-
-        cache, x = _layer(layer, config, cache, x, cos, sin, attend)
+    layer_inputs = LayerStep(slots=slots, positions=positions, valid=active[:, None],
+                             lengths=lengths, cos=cos, sin=sin, need=need, decode=True)
+    x, cache = run_layers(params, cache, params["embed"][tokens][:, None], layer_inputs,
+                          config=config, attention=attention)
     step = active.astype(jnp.int32)
     cache = cache.replace(
         seq_lens=cache.seq_lens.at[slots].add(step),
@@ -203,8 +205,8 @@ def hidden_states(params: dict, tokens: jax.Array, *, config: LlamaConfig, atten
     x = params["embed"][tokens]
     for i, layer in enumerate(params["layers"]):
         def run(layer, x, i=i):
-            _, x = _layer(layer, config, None, x, cos, sin,
-                          lambda cache, q, k, v: (cache, attend(i, q, k, v)))
+            x, _ = _block(layer, config, x, cos, sin,
+                          lambda state, q, k, v: (state, attend(i, q, k, v)), None)
             return x
 
         x = (jax.checkpoint(run) if remat else run)(layer, x)

@@ -313,3 +313,27 @@ def test_key_stats_exact_across_boundaries_and_reuse():
     kmax, kmin = write(cache, kmax, kmin, 1, 0, keys1[:9])
     kmax, kmin = write(cache, kmax, kmin, 1, 9, keys1[9:])
     check(cache, kmax, kmin, 1, keys1)
+
+
+def test_layer_view_round_trip_touches_only_its_layer():
+    """A layer step sees a one-layer view and its writes go back to that layer only."""
+    from models.streaming_pool import StreamingLayout
+
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=4, num_pages=6, page_size=4,
+                       max_seqs=2, max_pages_per_seq=2, logical_page_size=2,
+                       streaming_heads=((True, False), (False, False), (False, True)),
+                       streaming_layout=StreamingLayout(page_size=4, sink_tokens=4,
+                                                        local_tokens=4),
+                       budget_pages=3)
+    cache = kv_cache.init_cache(spec)
+    view = cache.layer_view(2)
+    assert all(len(getattr(view, name)) == 1 for name in kv_cache.PER_LAYER)
+    assert view.k[0] is cache.k[2] and view.page_table is cache.page_table
+    changed = view.replace_layer(0, k=view.k[0] + 1, sv=view.sv[0] - 1,
+                                 selected=view.selected[0] + 7)
+    out = cache.with_layer(2, changed.replace(seq_lens=cache.seq_lens + 5))
+    for name in kv_cache.PER_LAYER:
+        for layer in range(3):
+            expect = getattr(changed if layer == 2 else cache, name)[0 if layer == 2 else layer]
+            np.testing.assert_array_equal(getattr(out, name)[layer], expect, f"{name}[{layer}]")
+    np.testing.assert_array_equal(out.seq_lens, cache.seq_lens)  # shared arrays are the cache's
