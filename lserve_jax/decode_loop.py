@@ -36,7 +36,7 @@ class DecodeState:
     stop_ids     [B, M] int32 ids that end a row (EOS and user stops), -1 padded
     done         [B] bool
     error_at     [B] int32   index of the generated token whose logits were not finite, -1: none
-    step         [] int32    decode steps run so far (PRNG stream position)
+    step         [] int32    decode steps run so far (sampling keys by each row's num_generated)
     sampling     per-row sampling settings
     """
 
@@ -98,7 +98,7 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         active = ~s.done
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
                                      config=config, attention=attention)
-        token = sample(logits, s.sampling, s.step)
+        token = sample(logits, s.sampling, s.num_generated)
         bad = active & _not_finite(logits)
         emit = active & ~bad
         token = jnp.where(emit, token, s.last_token)

@@ -62,12 +62,15 @@ class SamplingArrays:
     keys: jax.Array
 
 
-def sample(logits: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, s: SamplingArrays, index: jax.Array) -> jax.Array:
     """Pick one token per row. logits [B, V] f32 -> tokens [B] int32.
 
     Greedy rows (temperature 0) take the argmax. Others scale by 1/temperature, keep the top_k
     largest logits and the smallest prefix whose probability reaches top_p, then draw with the
-    row's key folded with `step`. The sort only runs when some row samples.
+    row's key folded with `index` ([B] or a scalar): the index of the output token being drawn.
+    Keyed by the row's own output index, never by a step of the batch, a request draws the same
+    tokens whatever batch it runs in, and again after being recomputed. The sort only runs
+    when some row samples.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -83,7 +86,8 @@ def sample(logits: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
         # Keep a token if the mass strictly before it is below top_p (the top token always).
         before = jnp.cumsum(probs, axis=-1) - probs
         ranked = jnp.where(before < s.top_p[:, None], ranked, -jnp.inf)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, step)
+        index_b = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (logits.shape[0],))
+        keys = jax.vmap(jax.random.fold_in)(s.keys, index_b)
         choice = jax.vmap(jax.random.categorical)(keys, ranked)
         picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return jnp.where(s.temperature > 0, picked, greedy)

@@ -260,3 +260,24 @@ def test_valid_ids_and_keys_are_plain_arrays():
     assert inputs.check_token_ids("ids", np.arange(3)) == [0, 1, 2]
     assert all(type(t) is int for t in inputs.check_token_ids("ids", np.arange(3)))
     assert jnp.asarray(inputs.seed_key(7)).dtype == jnp.uint32
+
+
+def test_sampling_is_keyed_by_each_rows_output_index():
+    """A row's draw depends on its key and its own output index, not on the batch around it
+    (what lets a request be batched differently, or recomputed, and draw the same tokens)."""
+    from lserve_jax.sampling import SamplingArrays, sample
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (3, 50))
+    keys = jnp.asarray(np.stack([inputs.seed_key(s) for s in (11, 12, 13)]))
+    arrays = SamplingArrays(temperature=jnp.ones(3), top_k=jnp.zeros(3, jnp.int32),
+                            top_p=jnp.ones(3), keys=keys)
+    index = jnp.array([0, 5, 9], jnp.int32)
+    batch = np.asarray(sample(logits, arrays, index))
+    for row in range(3):
+        alone = SamplingArrays(*(x[row:row + 1] for x in (arrays.temperature, arrays.top_k,
+                                                          arrays.top_p, arrays.keys)))
+        assert sample(logits[row:row + 1], alone, index[row:row + 1])[0] == batch[row]
+    draws = {int(sample(logits[:1], SamplingArrays(*(x[:1] for x in (
+        arrays.temperature, arrays.top_k, arrays.top_p, arrays.keys))), jnp.array([i]))[0])
+        for i in range(20)}
+    assert len(draws) > 1  # the index really moves the stream
