@@ -285,7 +285,8 @@ class LayerStep:
     stored (padding and inactive rows are not); lengths [B] tokens of each slot once these are
     written (a prefill attends within them, a decode step over them); cos, sin [B, T, D] RoPE;
     need [B] the decode rows whose page selection is recomputed (None in a prefill).
-    `decode` (static): one new token per row over the paged cache, else whole prompts.
+    `decode` (static): one new token per row over the paged cache; `chunk` (static): a prefill
+    chunk that continues cached tokens (attends over the pages); neither: whole prompts.
     """
 
     slots: jax.Array
@@ -296,6 +297,7 @@ class LayerStep:
     sin: jax.Array
     need: jax.Array | None = None
     decode: bool = struct.field(pytree_node=False, default=False)
+    chunk: bool = struct.field(pytree_node=False, default=False)
 
 
 def store_layer(cache: KVCache, k: jax.Array, v: jax.Array, step: LayerStep, *,
@@ -310,6 +312,46 @@ def store_layer(cache: KVCache, k: jax.Array, v: jax.Array, step: LayerStep, *,
         interpret=config.interpret)
 
 
+def chunk_attention(q: jax.Array, cache: KVCache, step: LayerStep, *,
+                    config: AttentionConfig) -> jax.Array:
+    """Attention of a prefill chunk over its sequence's cached pages, the chunk included
+    (already stored), causally: query t of row b (position `step.positions[b, t]`) sees every
+    key j <= its position and j < `step.lengths[b]`. q [B, T, Hq, D]; cache a one-layer view.
+    Returns [B, T, Hq, D]; padding queries (not `step.valid`) get zeros.
+
+    Plain jnp over the gathered pages (the chunked prefill's reference path). Dense heads only:
+    a chunk's streaming heads need the prefill window (sink + the last `ctx_local_tokens`),
+    which the decode ring does not keep (docs/design.md §6), so a layer with streaming heads is
+    refused.
+    """
+    _, stream = _head_split(cache, 0, config)
+    if stream:
+        raise NotImplementedError("chunked prefill of layers with streaming heads is not built "
+                                  "yet (docs/design.md §6)")
+    b, t, hq, d = q.shape
+    table = cache.page_table[step.slots]  # [B, P]
+    k = cache.k[0][:, table]  # [Hkv, B, P, S, D]
+    v = cache.v[0][:, table]
+    hkv = k.shape[0]
+    k = jnp.moveaxis(k, 0, 1).reshape(b, hkv, -1, d)  # [B, Hkv, P*S, D]
+    v = jnp.moveaxis(v, 0, 1).reshape(b, hkv, -1, d)
+    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
+    keys = jnp.arange(k.shape[2])
+    visible = ((keys[None, None, :] <= step.positions[:, :, None])
+               & (keys[None, None, :] < step.lengths[:, None, None])
+               & step.valid[:, :, None])  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.where(visible[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
+    out = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    denom = jnp.moveaxis(jnp.sum(p, axis=-1), -1, 1)  # [B, T, Hkv, G]
+    out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
 def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step: LayerStep, *,
                  config: AttentionConfig) -> tuple[KVCache, jax.Array]:
     """A layer's attention with its KV cache: store k, v, then attend. q [B, T, Hq, D]; cache
@@ -319,6 +361,8 @@ def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step:
     the dense heads' pages for rows in `step.need` (LServe), keeps the selection in the cache,
     and attends over the pages (`decode_attention`)."""
     cache = store_layer(cache, k, v, step, config=config)
+    if step.chunk:
+        return cache, chunk_attention(q, cache, step, config=config)
     if not step.decode:
         return cache, prefill_attention(q, k, v, step.lengths, layer=0, config=config)
     selected = None

@@ -160,6 +160,37 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     return cache, _logits(params, config, x)
 
 
+def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.Array,
+                  chunk_lens: jax.Array, slots: jax.Array, *, config: LlamaConfig,
+                  attention: AttentionConfig) -> tuple[KVCache, jax.Array]:
+    """Continue prompts by one chunk each: tokens [B, T] right-padded at positions starts [B]
+    onwards, chunk_lens [B] real tokens (a row with 0 is left untouched). The slots' pages must
+    be reserved for starts + chunk_lens tokens and hold the first `starts` tokens already.
+    Returns the cache with seq_lens = starts + chunk_lens and the logits of each chunk's last
+    token [B, V] (f32). Chunked prefill equals one-shot `prefill` (tests/test_chunked_prefill.py);
+    layers with streaming heads are not supported yet (`attention.chunk_attention`).
+    """
+    b, t = tokens.shape
+    offsets = jnp.arange(t, dtype=jnp.int32)
+    positions = starts[:, None] + offsets[None]
+    lengths = starts + chunk_lens
+    cos, sin = rope_cos_sin(config, positions)
+    step = LayerStep(slots=slots, positions=positions, valid=offsets[None] < chunk_lens[:, None],
+                     lengths=lengths, cos=cos, sin=sin, chunk=True)
+    x, cache = run_layers(params, cache, params["embed"][tokens], step, config=config,
+                          attention=attention)
+    last = jnp.clip(chunk_lens - 1, 0, t - 1)
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    moved = chunk_lens > 0
+    cache = cache.replace(
+        seq_lens=cache.seq_lens.at[slots].set(jnp.where(moved, lengths, cache.seq_lens[slots])),
+        decode_steps=cache.decode_steps.at[slots].set(
+            jnp.where(moved, 0, cache.decode_steps[slots])),
+        selected_num_pages=cache.selected_num_pages.at[slots].set(
+            jnp.where(moved, -1, cache.selected_num_pages[slots])))
+    return cache, _logits(params, config, x)
+
+
 def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, active: jax.Array,
            *, config: LlamaConfig, attention: AttentionConfig) -> tuple[KVCache, jax.Array]:
     """One decode step: append each active slot's new token and return next-token logits.

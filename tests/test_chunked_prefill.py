@@ -1,0 +1,116 @@
+"""Chunked prefill (`llama.prefill_chunk`) equals one-shot prefill: the last token's logits to
+tolerance, the greedy continuation exactly, for chunks that split pages and logical pages, in
+ragged batches, dense and LServe (page selection over dense heads)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import (AttentionConfig, LlamaConfig, SparsityConfig, init_params, kv_cache,
+                    llama)
+
+CONFIG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
+                     num_heads=6, num_kv_heads=2, head_dim=8, rope_theta=500.0)
+PAGES = dict(page_size=4, logical_page_size=2)
+DENSE = AttentionConfig(sparsity=SparsityConfig(**PAGES))
+# Every head dense, 3-page budget: the selector scores pages whose statistics the chunks built.
+LSERVE = AttentionConfig(mode="lserve", sparsity=SparsityConfig(
+    **PAGES, token_budget=12, dec_sink_tokens=4, dec_local_tokens=4, keep_first_pages=0,
+    selector_interval=2))
+MAX_PAGES, NEW = 12, 8
+
+prefill = jax.jit(llama.prefill, static_argnames=("config", "attention"))
+chunk = jax.jit(llama.prefill_chunk, static_argnames=("config", "attention"))
+decode = jax.jit(llama.decode, static_argnames=("config", "attention"))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.key(3), scale=0.3)
+
+
+def _cache(attention, lengths):
+    spec = llama.cache_spec(CONFIG, attention, num_pages=len(lengths) * MAX_PAGES + 1,
+                            max_seqs=len(lengths), max_pages_per_seq=MAX_PAGES)
+    cache = kv_cache.init_cache(spec)
+    for slot, n in enumerate(lengths):
+        cache, ok = kv_cache.reserve(cache, slot, n + NEW)
+        assert bool(ok)
+    return cache
+
+
+def _continue(params, cache, logits, attention):
+    """Greedy NEW tokens from the prefill's logits."""
+    b = logits.shape[0]
+    slots, active = jnp.arange(b, dtype=jnp.int32), jnp.ones((b,), bool)
+    tokens = [jnp.argmax(logits, -1).astype(jnp.int32)]
+    for _ in range(NEW - 1):
+        cache, logits = decode(params, cache, tokens[-1], slots, active, config=CONFIG,
+                               attention=attention)
+        tokens.append(jnp.argmax(logits, -1).astype(jnp.int32))
+    return np.stack([np.asarray(t) for t in tokens], 1)
+
+
+def _one_shot(params, prompts, attention):
+    lengths = [len(p) for p in prompts]
+    tokens = np.zeros((len(prompts), 32), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    cache, logits = prefill(params, _cache(attention, lengths), jnp.asarray(tokens),
+                            jnp.asarray(lengths, jnp.int32), jnp.arange(len(prompts)),
+                            config=CONFIG, attention=attention)
+    return logits, _continue(params, cache, logits, attention)
+
+
+def _chunked(params, prompts, attention, size):
+    """Every row prefilled `size` tokens per call (rows that are done get 0-token chunks)."""
+    lengths = np.array([len(p) for p in prompts])
+    cache, done = _cache(attention, lengths), np.zeros(len(prompts), np.int32)
+    last = None
+    while (done < lengths).any():
+        n = np.minimum(size, lengths - done)
+        tokens = np.zeros((len(prompts), size), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :n[i]] = p[done[i]:done[i] + n[i]]
+        cache, logits = chunk(params, cache, jnp.asarray(tokens), jnp.asarray(done, jnp.int32),
+                              jnp.asarray(n, jnp.int32), jnp.arange(len(prompts)),
+                              config=CONFIG, attention=attention)
+        # a row's logits are those of the call that held its last token
+        last = logits if last is None else jnp.where((n > 0)[:, None], logits, last)
+        done = done + n
+    assert np.array_equal(np.asarray(cache.seq_lens), lengths)
+    return last, _continue(params, cache, last, attention)
+
+
+@pytest.mark.parametrize("attention", [DENSE, LSERVE], ids=["dense", "lserve"])
+@pytest.mark.parametrize("size", [3, 5, 8, 32])
+def test_chunked_prefill_equals_one_shot(params, attention, size):
+    rng = np.random.default_rng(size)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (23, 9, 30)]
+    logits, tokens = _one_shot(params, prompts, attention)
+    chunk_logits, chunk_tokens = _chunked(params, prompts, attention, size)
+    np.testing.assert_allclose(np.asarray(chunk_logits), np.asarray(logits), atol=2e-4,
+                               rtol=2e-4)
+    np.testing.assert_array_equal(chunk_tokens, tokens)
+
+
+def test_a_zero_token_chunk_leaves_its_row_alone(params):
+    cache = _cache(DENSE, [6, 6])
+    tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6))
+    cache, _ = chunk(params, cache, tokens, jnp.zeros(2, jnp.int32), jnp.array([6, 0]),
+                     jnp.arange(2), config=CONFIG, attention=DENSE)
+    assert np.asarray(cache.seq_lens).tolist() == [6, 0]
+    row1 = np.asarray(cache.k[0][:, np.asarray(cache.page_table[1])])
+    assert not row1.any()  # nothing was written for the empty chunk
+
+
+def test_streaming_heads_are_refused_for_now(params):
+    att = AttentionConfig(mode="lserve", streaming_heads=((True, False), (False, False)),
+                          sparsity=LSERVE.sparsity)
+    cache = _cache(att, [6])
+    with pytest.raises(NotImplementedError, match="streaming heads"):
+        llama.prefill_chunk(params, cache, jnp.zeros((1, 6), jnp.int32), jnp.zeros(1, jnp.int32),
+                            jnp.array([6]), jnp.arange(1), config=CONFIG, attention=att)
