@@ -36,8 +36,7 @@ class DecodeState:
     stop_ids     [B, M] int32 ids that end a row (EOS and user stops), -1 padded
     done         [B] bool
     error_at     [B] int32   index of the generated token whose logits were not finite, -1: none
-    step         [] int32    decode steps run so far (sampling keys by each row's num_generated)
-    sampling     per-row sampling settings
+    sampling     per-row sampling settings (keys drawn by each row's num_generated)
     """
 
     cache: KVCache
@@ -49,7 +48,6 @@ class DecodeState:
     stop_ids: jax.Array
     done: jax.Array
     error_at: jax.Array
-    step: jax.Array
     sampling: SamplingArrays
 
 
@@ -79,7 +77,7 @@ def start(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array, 
         cache=cache, slots=slots, last_token=first, out_tokens=out,
         num_generated=jnp.where(bad, 0, 1).astype(jnp.int32), max_tokens=max_tokens,
         stop_ids=stop_ids, done=bad | _is_stop(first, stop_ids) | (max_tokens <= 1),
-        error_at=jnp.where(bad, 0, -1).astype(jnp.int32), step=jnp.int32(1), sampling=sampling)
+        error_at=jnp.where(bad, 0, -1).astype(jnp.int32), sampling=sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
@@ -110,8 +108,7 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
                                        | (num_generated >= s.max_tokens)))
         error_at = jnp.where(bad, s.num_generated, s.error_at)
         return i + 1, s.replace(cache=cache, last_token=token, out_tokens=out,
-                                num_generated=num_generated, done=done, error_at=error_at,
-                                step=s.step + 1)
+                                num_generated=num_generated, done=done, error_at=error_at)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state
