@@ -7,7 +7,8 @@ and scheduler, `lserve_jax.inputs`) load without JAX.
 import importlib
 
 _PUBLIC = {"LLM": "lserve_jax.llm", "GenerationStats": "lserve_jax.llm",
-           "RequestOutput": "lserve_jax.llm", "SamplingParams": "lserve_jax.sampling",
+           "Engine": "lserve_jax.engine.engine", "RequestOutput": "lserve_jax.engine.engine",
+           "RequestMetrics": "lserve_jax.engine.engine", "SamplingParams": "lserve_jax.sampling",
            "SparsityConfig": "lserve_jax.sparsity"}
 
 __all__ = list(_PUBLIC)

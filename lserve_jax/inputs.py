@@ -118,9 +118,11 @@ def normalize_prompts(prompts) -> list:
     return prompts
 
 
-def check_prompt_ids(ids: list[int], *, vocab_size: int, context: int, index: int = 0) -> list[int]:
-    """One prompt's ids: non-empty, in the vocabulary, leaving room for one new token."""
-    name = f"prompt {index}"
+def check_prompt_ids(ids: list[int], *, vocab_size: int, context: int, index: int = 0,
+                     name: str | None = None) -> list[int]:
+    """One prompt's ids: non-empty, in the vocabulary, leaving room for one new token. Errors
+    name it `name` (default "prompt {index}")."""
+    name = f"prompt {index}" if name is None else name
     ids = check_token_ids(name, ids, vocab_size)
     if not ids:
         raise ValueError(f"{name} is empty")

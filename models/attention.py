@@ -343,6 +343,9 @@ def chunk_attention(q: jax.Array, cache: KVCache, step: LayerStep, *,
                & (keys[None, None, :] < step.lengths[:, None, None])
                & step.valid[:, :, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    # Slots past a row's length may hold anything (a freed page's stale or non-finite values):
+    # a zero weight times NaN is NaN, so zero those values.
+    v = jnp.where((keys < step.lengths[:, None])[:, None, :, None], v, jnp.zeros_like(v))
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.where(visible[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
     out = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(jnp.float32),

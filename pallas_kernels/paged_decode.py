@@ -135,6 +135,10 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
             p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
             l_next = correction * l_prev + jnp.sum(p, axis=1)
             v = v_ref[head, page]  # [S, Dp]
+            # Slots outside [lo, hi) may hold anything (a freed page's stale or non-finite
+            # values): zero them, since a zero weight times NaN is NaN.
+            slot = lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v = jnp.where((slot >= lo) & (slot < hi), v, jnp.zeros_like(v))
             # [Gp, S] x [S, Dp] -> [Gp, Dp]
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  precision=precision, preferred_element_type=jnp.float32)
@@ -229,6 +233,9 @@ def _attend_gathered(q, k, v, visible, sm_scale):
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with no visible key: p = 0 below
     p = jnp.where(visible[..., None], jnp.exp(s - m), 0.0)
     l = jnp.sum(p, axis=2)  # [B, H, G]
+    # Invisible slots may hold anything (a freed page's stale or non-finite values): a zero
+    # weight times NaN is NaN, so zero them.
+    v = jnp.where(visible[..., None], v, jnp.zeros_like(v))
     # [b,h,n,g] x [b,h,n,d] -> [b,h,g,d]
     out = jnp.einsum("bhng,bhnd->bhgd", p.astype(v.dtype), v, precision=hi_prec,
                      preferred_element_type=jnp.float32)

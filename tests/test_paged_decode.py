@@ -81,6 +81,17 @@ def brute_force(q, k_pages, v_pages, pages, lo, hi, sm_scale=None):
     return out
 
 
+def poison_invisible(case):
+    """The case with NaN in every key and value slot no list sees (outside each entry's
+    [lo, hi), the null page included): stale or non-finite data of freed pages."""
+    q, k_pages, v_pages, pages, lo, hi = case
+    seen = np.zeros(k_pages.shape[1:3], bool)  # [P, S]
+    for p, a, z in zip(np.asarray(pages).ravel(), np.asarray(lo).ravel(), np.asarray(hi).ravel()):
+        seen[p, a:max(a, z)] = True
+    poison = lambda x: jnp.where(jnp.asarray(seen)[None, :, :, None], x, jnp.nan)  # noqa: E731
+    return q, poison(k_pages), poison(v_pages), pages, lo, hi
+
+
 reference = jax.jit(paged_decode_attention_reference, static_argnames=("sm_scale",))
 
 
@@ -97,6 +108,11 @@ def test_reference_matches_brute_force(group, per_query_head, page_size, head_di
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, brute_force(*case), jnp.float32)
     assert_close(reference(*case, sm_scale=0.3), brute_force(*case, sm_scale=0.3), jnp.float32)
+
+
+def test_reference_ignores_nan_in_slots_no_list_sees():
+    case = make_case(34, group=2)
+    assert_close(reference(*poison_invisible(case)), reference(*case), jnp.float32)
 
 
 def test_hi_past_page_end_is_the_page_end():
@@ -253,6 +269,14 @@ class TestKernel:
                                       num_splits=num_splits)
         assert out.shape == q.shape and np.isfinite(np.asarray(out, np.float32)).all()
         assert_close(out, expected, dtype)
+
+    @pytest.mark.parametrize("num_splits", [1, 3])
+    def test_slots_no_list_sees_may_hold_nan(self, num_splits):
+        """NaN keys and values outside the visible ranges (a freed page's leftovers) change
+        nothing: a masked weight is 0, and 0 * NaN would be NaN."""
+        case = make_case(33, batch=self.batch, group=2, num_entries=self.num_entries)
+        out = self.run(*poison_invisible(case), num_splits=num_splits)
+        assert_close(out, reference(*case), jnp.float32)
 
     def test_more_splits_than_entries_and_custom_scale(self):
         """num_splits > K is cut to one entry per split; sm_scale reaches the kernel."""

@@ -1,12 +1,25 @@
-"""Host bookkeeping of the serving engine: page ownership and prefix caching (`pages`), request
-scheduling with continuous batching, chunked prefill and preemption by recompute (`scheduler`).
+"""The serving engine: host bookkeeping of page ownership and prefix caching (`pages`), request
+scheduling with continuous batching, chunked prefill and preemption by recompute (`scheduler`),
+the jitted device steps (`device`) and the `Engine` that joins them (`engine`).
 
-Plain Python and NumPy only; no JAX. The device step consumes one `StepPlan` per step.
+`pages` and `scheduler` are plain Python and NumPy and import without JAX; `Engine`,
+`RequestOutput` and `RequestMetrics` are imported on first use.
 """
+
+import importlib
 
 from lserve_jax.engine.pages import NULL_PAGE, PagePool, block_hash, extra_digest
 from lserve_jax.engine.scheduler import (Request, RequestStatus, ScheduledRow, Scheduler,
                                          StepPlan)
 
+_LAZY = {"Engine": "lserve_jax.engine.engine", "RequestOutput": "lserve_jax.engine.engine",
+         "RequestMetrics": "lserve_jax.engine.engine"}
+
 __all__ = ["NULL_PAGE", "PagePool", "Request", "RequestStatus", "ScheduledRow", "Scheduler",
-           "StepPlan", "block_hash", "extra_digest"]
+           "StepPlan", "block_hash", "extra_digest", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lserve_jax.engine' has no attribute {name!r}")

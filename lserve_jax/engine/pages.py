@@ -279,15 +279,19 @@ class PagePool:
         return max(num_tokens - 1, 0) // page_size
 
     def match_prefix(self, token_ids: Sequence[int], extra, *,
-                     hashes: list[bytes] | None = None) -> list[int]:
+                     hashes: list[bytes] | None = None,
+                     max_pages: int | None = None) -> list[int]:
         """Longest chain of cached full pages that starts `token_ids`, each touched (refcount+1,
         out of the evictable LRU), never covering the last token; counted in prefix_*_tokens.
 
         `hashes`, when given, is the caller's memo of the sequence's page hashes (extended in
         place), so a sequence's pages are hashed once however often it is looked up.
+        `max_pages` caps the match further.
         """
         hashes = [] if hashes is None else hashes
         limit = self.max_prefix_pages(len(token_ids), self.page_size)
+        if max_pages is not None:
+            limit = min(limit, max_pages)
         self.extend_hashes(hashes, token_ids, extra, max_pages=limit)
         pages = self.lookup(hashes[:limit])
         self.touch(pages)

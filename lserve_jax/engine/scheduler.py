@@ -175,10 +175,16 @@ class ScheduledRow:
     pages: tuple[int, ...]
     admitted: bool
     num_output_tokens: int
+    num_prompt_tokens: int
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """One token past the prompt: a decode step (a generated token is the input)."""
+        return len(self.token_ids) == 1 and self.start >= self.num_prompt_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +225,8 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a PagePool (see the module docstring)."""
 
     def __init__(self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, extra=None, enable_prefix_caching: bool = True):
+                 max_model_len: int, extra=None, enable_prefix_caching: bool = True,
+                 chunked_prefill: bool = True, replay_outputs: bool = False):
         for name, v in (("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
@@ -235,6 +242,8 @@ class Scheduler:
         self._extra = extra
         self._extra_key = extra_digest(extra)
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.chunked_prefill = bool(chunked_prefill)
+        self.replay_outputs = bool(replay_outputs)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # sorted by arrival
         self._live: dict[Hashable, Request] = {}
@@ -315,7 +324,21 @@ class Scheduler:
         return ScheduledRow(request_id=req.request_id, slot=req.slot, start=start,
                             token_ids=tuple(req.token_slice(start, start + num_new)),
                             sample=start + num_new == req.num_tokens, pages=tuple(req.pages),
-                            admitted=admitted, num_output_tokens=len(req.output_ids))
+                            admitted=admitted, num_output_tokens=len(req.output_ids),
+                            num_prompt_tokens=len(req.prompt_ids))
+
+    def _tokens_left(self, req: Request, computed: int) -> int:
+        """Tokens the request's next row computes at most (before the step's budget): the rest
+        of the prompt, then (with `replay_outputs`) one token at a time, else everything left."""
+        p = len(req.prompt_ids)
+        if self.replay_outputs:
+            return p - computed if computed < p else 1
+        return req.num_tokens - computed
+
+    def _cacheable_tokens(self, req: Request) -> int:
+        """Computed tokens whose full pages may be registered in the prefix cache."""
+        n = req.num_computed_tokens
+        return min(n, len(req.prompt_ids)) if self.replay_outputs else n
 
     def _release(self, req: Request) -> None:
         """Give back a running request's pages and slot."""
@@ -342,11 +365,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         rows, preempted, hits = [], [], []
         for req in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(self._tokens_left(req, req.num_computed_tokens), budget)
             need = pool.pages_for(req.num_computed_tokens + num_new) - len(req.pages)
             while need > pool.num_free and req.status is RequestStatus.RUNNING:
                 victim = self.running[-1]  # the most recently arrived
@@ -364,16 +387,22 @@ class Scheduler:
             matched = []
             if self.enable_prefix_caching:
                 limit = PagePool.max_prefix_pages(ntok, ps)
+                if self.replay_outputs:  # generated tokens are replayed, never shared
+                    limit = min(limit, len(req.prompt_ids) // ps)
                 self._extend_hashes(req, limit)
                 matched = pool.lookup(req.block_hashes[:limit])
             computed = len(matched) * ps
-            num_new = min(ntok - computed, budget)
+            num_new = self._tokens_left(req, computed)
+            if self.chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget and any(not r.is_decode for r in rows):
+                break  # a whole prompt waits for a step with room, or with no other prefill
             need = pool.pages_for(computed + num_new) - len(matched)
             if need > pool.num_free - sum(pool.refcount(p) == 0 for p in matched):
                 break  # FCFS: nobody overtakes the oldest waiting request
             if self.enable_prefix_caching:
                 again = pool.match_prefix(req.token_slice(0, ntok), self.extra,
-                                          hashes=req.block_hashes)
+                                          hashes=req.block_hashes, max_pages=limit)
                 assert again == matched
             self.waiting.popleft()
             req.pages = matched + pool.allocate(need)
@@ -445,7 +474,7 @@ class Scheduler:
             if r.request_id in sampled:
                 req.output_ids.append(int(sampled[r.request_id]))
             if self.enable_prefix_caching:
-                n = req.num_computed_tokens // self.pool.page_size
+                n = self._cacheable_tokens(req) // self.pool.page_size
                 if n > req.num_cached_pages:
                     self._extend_hashes(req, n)
                     req.num_cached_pages = self.pool.cache_full_pages(

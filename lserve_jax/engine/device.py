@@ -1,0 +1,246 @@
+"""The serving engine's jitted device steps and the one dataclass that crosses to them.
+
+The host (`lserve_jax/engine/scheduler.py`) owns every page id; the device cache keeps storage
+and selector state only. Each call gets a `StepBatch` of NumPy arrays built from the step's
+plan: R rows (bucketed; padding rows have `num_tokens` 0 and the out-of-range slot `max_seqs`),
+their page-table rows [R, W] (W bucketed), tokens [R, T], start positions and sampling settings.
+A step works on a batch-local view of the cache (`local_view`): the shared pools as they are,
+and the per-slot state (selection lists, their page counts) gathered into batch order; after
+the layers it is scattered back to the slots (`merge_view`). So the model code
+(`models/llama.py`) runs unchanged, on slots 0..R-1 of the view, and the device never
+allocates. The cache goes in and comes out donated (the pools are updated in place).
+
+Two kinds of call: `prefill_step` (prompt chunks, or whole prompts when a layer has streaming
+heads: `whole=True`) and `decode_step` (one generated token per row). Both sample the next token
+of every row whose `sample` is set and report rows whose logits are not finite; the host decides
+stops and finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lserve_jax.sampling import SamplingArrays, sample
+from models import kv_cache, llama
+from models.attention import AttentionConfig
+from models.config import LlamaConfig
+from models.kv_cache import KVCache
+
+
+@struct.dataclass
+class StepBatch:
+    """One device call's inputs (host NumPy arrays; R rows, T tokens, W page-table columns).
+
+    slots [R] int32       cache slot of each row; padding rows: max_seqs (their writes drop)
+    tokens [R, T] int32   the row's tokens, right-padded
+    starts [R] int32      position of tokens[:, 0] (tokens already stored for the row)
+    num_tokens [R] int32  real tokens of the row (0: padding)
+    page_table [R, W]     the row's pages in order, NULL_PAGE-padded
+    admitted [R] bool     first step of the row's request in this slot (fresh selector state)
+    clock [R] int32       decode rows: decode steps since the prompt ended (the selector's
+                          clock, so a recomputed request reselects on the same steps)
+    out_index [R] int32   index of the output token the row samples (keys its randomness)
+    sampling              per-row temperature, top-k, top-p and PRNG key
+    """
+
+    slots: jax.Array
+    tokens: jax.Array
+    starts: jax.Array
+    num_tokens: jax.Array
+    page_table: jax.Array
+    admitted: jax.Array
+    clock: jax.Array
+    out_index: jax.Array
+    sampling: SamplingArrays
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(R, T, W): the bucketed shape the call is compiled for."""
+        return (self.tokens.shape[0], self.tokens.shape[1], self.page_table.shape[1])
+
+
+def local_view(cache: KVCache, batch: StepBatch, *, clock: bool = False) -> KVCache:
+    """The cache as a step on slots 0..R-1 sees it: the batch's page-table rows and lengths
+    (`starts`), and each slot's selection state gathered into batch order; the selector clock
+    from the batch (`clock=True`, decode) and a fresh selection for admitted rows."""
+    rows = jnp.clip(batch.slots, 0, cache.max_seqs - 1)  # padding rows read slot max_seqs - 1
+    selected_num_pages = jnp.where(batch.admitted, -1, cache.selected_num_pages[rows])
+    return cache.replace(
+        page_table=batch.page_table, seq_lens=batch.starts,
+        num_reserved=jnp.zeros_like(batch.starts), stream_table=cache.stream_table[rows],
+        selected=tuple(s[rows] for s in cache.selected),
+        selected_num_pages=selected_num_pages,
+        decode_steps=batch.clock if clock else jnp.zeros_like(batch.starts))
+
+
+def merge_view(cache: KVCache, view: KVCache, batch: StepBatch) -> KVCache:
+    """The cache with the view's pools and its per-slot state scattered back to the batch's
+    slots (padding rows' slot is out of range: their writes are dropped)."""
+    put = lambda whole, part: whole.at[batch.slots].set(part, mode="drop")  # noqa: E731
+    return view.replace(
+        page_table=cache.page_table, seq_lens=put(cache.seq_lens, view.seq_lens),
+        num_reserved=cache.num_reserved, stream_table=cache.stream_table,
+        selected=tuple(put(c, v) for c, v in zip(cache.selected, view.selected)),
+        selected_num_pages=put(cache.selected_num_pages, view.selected_num_pages),
+        decode_steps=put(cache.decode_steps, view.decode_steps))
+
+
+def _sampled(logits: jax.Array, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
+    """(next token [R], logits not finite [R]) of every row."""
+    return (sample(logits, batch.sampling, batch.out_index),
+            ~jnp.all(jnp.isfinite(logits), axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "whole"),
+                   donate_argnames=("cache",))
+def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
+                 attention: AttentionConfig, whole: bool
+                 ) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Prefill one chunk per row (`llama.prefill_chunk`), or with `whole` each row's whole
+    prompt from position 0 (`llama.prefill`: the streaming heads' Λ mask needs the prompt's
+    window, which a chunk cannot see yet). Returns (cache, tokens [R], bad [R]) sampled from
+    each row's last token."""
+    view = local_view(cache, batch)
+    local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
+    if whole:
+        view, logits = llama.prefill(params, view, batch.tokens, batch.num_tokens, local,
+                                     config=config, attention=attention)
+    else:
+        view, logits = llama.prefill_chunk(params, view, batch.tokens, batch.starts,
+                                           batch.num_tokens, local, config=config,
+                                           attention=attention)
+    return (merge_view(cache, view, batch),) + _sampled(logits, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
+def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
+                attention: AttentionConfig) -> tuple[KVCache, jax.Array, jax.Array]:
+    """One decode step per row (`llama.decode`: page selection, sink + ring for streaming
+    heads); tokens [R, 1]. Returns (cache, tokens [R], bad [R])."""
+    view = local_view(cache, batch, clock=True)
+    local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
+    view, logits = llama.decode(params, view, batch.tokens[:, 0], local, batch.num_tokens > 0,
+                                config=config, attention=attention)
+    return (merge_view(cache, view, batch),) + _sampled(logits, batch)
+
+
+# ---------------------------------------------------------------------------- memory budget
+@dataclasses.dataclass(frozen=True)
+class PoolSize:
+    """How a memory budget is spent: `num_pages` pages (the null page included) of `page_size`
+    tokens; `page_bytes` per page over all layers (dense pool and key statistics),
+    `fixed_bytes` for the per-slot streaming pool."""
+
+    num_pages: int
+    page_size: int
+    page_bytes: int
+    fixed_bytes: int
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_pages * self.page_bytes + self.fixed_bytes
+
+
+def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
+    """(bytes per page over all layers, bytes independent of the page count) of a cache."""
+    item = jnp.dtype(spec.dtype).itemsize
+    s, d = spec.page_size, spec.head_dim
+    per_page = fixed = 0
+    for layer in range(spec.num_layers):
+        dense = len(spec.dense_heads(layer))
+        per_page += 2 * dense * s * d * item
+        if spec.logical_page_size is not None:
+            per_page += 2 * dense * (s // spec.logical_page_size) * d * item
+        if spec.has_streaming:
+            stream = spec.num_kv_heads - dense
+            fixed += 2 * stream * (1 + spec.max_seqs * spec.streaming_layout.num_pages) * s * d * item
+        if spec.budget_pages is not None:
+            fixed += 4 * spec.max_seqs * dense * spec.selection_lists_per_head * spec.budget_pages
+    return per_page, fixed
+
+
+def size_pool(spec: kv_cache.KVCacheSpec, memory_bytes: int) -> PoolSize:
+    """The most pages `spec` can have within `memory_bytes` (`spec.num_pages` is ignored)."""
+    per_page, fixed = pool_bytes(spec)
+    pages = (memory_bytes - fixed) // per_page if per_page else 0
+    if pages < 2:
+        raise ValueError(f"kv cache memory {memory_bytes / 2**30:.3f} GiB holds {max(pages, 0)} "
+                         f"pages of {spec.page_size} tokens ({per_page} bytes each, plus "
+                         f"{fixed} bytes of streaming pages); at least 2 are needed")
+    return PoolSize(num_pages=int(pages), page_size=spec.page_size, page_bytes=per_page,
+                    fixed_bytes=fixed)
+
+
+def device_memory_for_cache(fraction: float) -> int | None:
+    """Bytes the KV cache may take on the default device: `fraction` of its memory limit minus
+    what is in use (the weights); None when the device does not report memory (the CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return max(int(fraction * stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
+
+
+def init_pool(spec: kv_cache.KVCacheSpec) -> KVCache:
+    """An empty engine cache. Its page table, lengths and free mask are unused: the host owns
+    the pages and every step brings its own rows (`StepBatch`)."""
+    return kv_cache.init_cache(spec)
+
+
+def bucket(n: int, cap: int, minimum: int = 1) -> int:
+    """The shape bucket of `n`: the next power of two at least `minimum`, at most `cap`."""
+    return min(max(1 << max(n - 1, 0).bit_length(), minimum), cap)
+
+
+def token_bucket(n: int, minimum: int = 16) -> int:
+    """Chunk-length bucket: a power of two up to 1024, then a multiple of 512."""
+    n = max(n, minimum)
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    return math.ceil(n / 512) * 512
+
+
+def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,
+                sampling: dict) -> StepBatch:
+    """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
+    (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
+    key [2] uint32)."""
+    r, t, w = num_rows, num_tokens, num_columns
+    slots = np.full(r, max_seqs, np.int32)
+    tokens = np.zeros((r, t), np.int32)
+    starts = np.zeros(r, np.int32)
+    lengths = np.zeros(r, np.int32)
+    table = np.zeros((r, w), np.int32)
+    admitted = np.zeros(r, bool)
+    clock = np.zeros(r, np.int32)
+    out_index = np.zeros(r, np.int32)
+    temperature = np.zeros(r, np.float32)
+    top_k = np.zeros(r, np.int32)
+    top_p = np.ones(r, np.float32)
+    keys = np.zeros((r, 2), np.uint32)
+    for i, row in enumerate(rows):
+        n = len(row.token_ids)
+        slots[i], starts[i], lengths[i] = row.slot, row.start, n
+        tokens[i, :n] = row.token_ids
+        table[i, :len(row.pages)] = row.pages
+        admitted[i] = row.admitted
+        clock[i] = max(row.start - row.num_prompt_tokens, 0)
+        out_index[i] = row.num_output_tokens
+        temperature[i], top_k[i], top_p[i], keys[i] = sampling[row.request_id]
+    return StepBatch(slots=slots, tokens=tokens, starts=starts, num_tokens=lengths,
+                     page_table=table, admitted=admitted, clock=clock, out_index=out_index,
+                     sampling=SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p,
+                                             keys=keys))

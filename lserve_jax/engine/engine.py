@@ -1,0 +1,486 @@
+"""`Engine`: continuous batching over one persistent KV pool (in vLLM's shape).
+
+    engine = Engine(attention="lserve", max_num_seqs=16)
+    engine.add_request("a", "Once upon a time", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():          # every request that progressed this step
+            print(out.request_id, out.new_text, out.finished)
+
+Three layers (docs/design.md §6): the host scheduler and page pool
+(`lserve_jax/engine/scheduler.py`, `pages.py`; plain Python) plan each step; the plan becomes
+one `StepBatch` of NumPy arrays per device call (`lserve_jax/engine/device.py`); the jitted
+steps execute it on the donated cache. Stop tokens, finish reasons, text and metrics are
+decided here, on the host, from each call's sampled tokens.
+
+LServe mode: generated tokens are always computed by decode steps, also when a preempted request
+recomputes them (`replay_outputs`), so recompute reproduces the selection and ring reads of the
+uninterrupted run. With streaming heads, prompts are prefilled whole (their Λ window spans the
+prompt) and the prefix cache is off (a hit would have to restore the per-slot sink and ring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lserve_jax import head_pattern, inputs
+from lserve_jax.engine import device
+from lserve_jax.engine.pages import PagePool
+from lserve_jax.engine.scheduler import Request, Scheduler
+from lserve_jax.sampling import SamplingParams
+from lserve_jax.sparsity import SparsityConfig
+from models import llama
+from models.attention import AttentionConfig
+
+log = logging.getLogger("lserve_jax")
+
+ATTENTION_CHOICES = ("dense", "lserve")
+DTYPES = ("float32", "bfloat16", "float16")
+CPU_KV_CACHE_GB = 1.0  # default pool on the CPU (no device memory to measure)
+GPU_MEMORY_FRACTION = 0.9  # weights plus KV cache, of the device's memory
+MIN_DECODE_ROWS = 4
+MIN_PAGE_COLUMNS = 8
+
+
+def default_impl() -> str:
+    """Pallas kernels on a GPU, their XLA references elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Timings (time.perf_counter seconds) and counts of one request."""
+
+    arrival_time: float
+    num_prompt_tokens: int
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_generated_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token, from arrival."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.finished_time is None or self.first_token_time is None:
+            return None
+        if self.num_generated_tokens < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step (and its result, once `finished`).
+
+    token_ids are all generated ids so far (a stop token included); new_token_ids and new_text
+    what this step added. finish_reason: "stop" (stop/EOS token), "length" (max_tokens or the
+    context is full), "abort", or "error" (`error` says why); None while running.
+    """
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    error: str | None = None
+    request_id: Hashable = None
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)
+    new_text: str = ""
+    finished: bool = True
+    metrics: RequestMetrics | None = None
+
+
+@dataclasses.dataclass
+class _Live:
+    """Host state of one request the engine has not finished yet."""
+
+    request: Request
+    prompt: str | None
+    stop_ids: frozenset[int]
+    sampling: tuple
+    metrics: RequestMetrics
+    stream: object | None
+    text: str = ""
+    error: str | None = None
+
+
+class Engine:
+    """A loaded model serving requests with continuous batching (see the module docstring).
+
+    ckpt, attention, dtype, impl, verify and the sparsity knobs are `LLM`'s (README). Capacity:
+    `max_num_seqs` running requests, `max_num_batched_tokens` tokens per step (decode rows and
+    prefill chunks share it), `max_model_len` tokens per request (default: the model's
+    context); the pool has `num_pages` pages or as many as `kv_cache_memory_gb` holds (default:
+    on a GPU 90% of its memory minus the weights, on the CPU 1 GiB, never more than
+    `max_num_seqs` full-length requests need). `enable_prefix_caching` shares full pages of
+    identical prompt prefixes (off for layers with streaming heads, see the module docstring).
+    """
+
+    def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
+                 dtype: str = "float32", impl: str | None = None, verify: bool = False,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, kv_cache_memory_gb: float | None = None,
+                 num_pages: int | None = None, enable_prefix_caching: bool = True,
+                 **sparsity_knobs):
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
+        unknown = set(sparsity_knobs) - set(SparsityConfig.field_names())
+        if unknown:
+            raise TypeError(f"unknown arguments {sorted(unknown)}; sparsity knobs are "
+                            f"{list(SparsityConfig.field_names())}")
+        max_num_seqs = inputs.check_int("max_num_seqs", max_num_seqs, minimum=1)
+        max_num_batched_tokens = inputs.check_int("max_num_batched_tokens",
+                                                  max_num_batched_tokens, minimum=max_num_seqs)
+        if kv_cache_memory_gb is not None and num_pages is not None:
+            raise ValueError("give kv_cache_memory_gb or num_pages, not both")
+        if kv_cache_memory_gb is not None:
+            inputs.check_float("kv_cache_memory_gb", kv_cache_memory_gb, above=0)
+        if num_pages is not None:
+            inputs.check_int("num_pages", num_pages, minimum=2)
+        self.sparsity = SparsityConfig(**sparsity_knobs)
+        self.attention_mode = attention
+        self.impl = impl or default_impl()
+        from lserve_jax import checkpoint  # orbax is slow to import; only loading needs it
+
+        self._ckpt = ckpt
+        self.compilation_cache = checkpoint.enable_compilation_cache()
+        path, self.config, self.params, self.tokenizer = checkpoint.load_model(
+            ckpt, dtype=dtype, verify=verify)
+        self.checkpoint_path = path
+        self.head_pattern = None
+        self.attention = self._attention_config()
+        context = self.config.max_position_embeddings
+        self.max_model_len = context if max_model_len is None else inputs.check_int(
+            "max_model_len", max_model_len, minimum=2, maximum=context)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.streaming = self.attention.has_streaming
+        page_size = self.sparsity.page_size
+        self.max_pages_per_seq = -(-self.max_model_len // page_size)
+        spec = self._spec(self.attention, num_pages=2)
+        if num_pages is None:
+            budget = self._memory_budget(kv_cache_memory_gb, spec)
+            size = device.size_pool(spec, budget)
+            num_pages = min(size.num_pages, max_num_seqs * self.max_pages_per_seq + 1)
+        self.spec = dataclasses.replace(spec, num_pages=num_pages)
+        self._log_capacity()
+        self.cache = device.init_pool(self.spec)
+        self.pool = PagePool(num_pages, page_size)
+        self.enable_prefix_caching = bool(enable_prefix_caching) and not self.streaming
+        if enable_prefix_caching and self.streaming:
+            log.info("prefix caching is off: layers with streaming heads keep their sink and "
+                     "ring per sequence")
+        lserve = attention == "lserve"
+        self.scheduler = Scheduler(
+            self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len, extra=(attention, repr(self.attention), dtype),
+            enable_prefix_caching=self.enable_prefix_caching,
+            chunked_prefill=not self.streaming, replay_outputs=lserve)
+        self._live: dict[Hashable, _Live] = {}
+        self._executables: dict = {}
+        self._seed_rng = np.random.default_rng()
+        self._auto_ids = itertools.count()
+        self.compile_s = 0.0
+        self.counters = dict(steps=0, prefill_calls=0, decode_calls=0, prefill_tokens=0,
+                             decode_tokens=0, finished=0, aborted=0, errors=0)
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    def _attention_config(self) -> AttentionConfig:
+        """Dense, or LServe's unified sparse attention from the head pattern and the sparsity
+        knobs (LServe §4): Λ-masked streaming heads in prefill; in decode, sink + ring pages for
+        streaming heads and `token_budget` tokens of selected pages for dense heads."""
+        s = self.sparsity
+        if self.attention_mode == "dense":
+            if s.head_pattern is not None:  # unused, but a bad file is still an error
+                head_pattern.streaming_heads_for_model(
+                    s.head_pattern, s.static_sparsity, self.config.num_layers,
+                    self.config.num_kv_heads)
+                log.warning("head_pattern %s is only used with attention='lserve'", s.head_pattern)
+            # The sparsity still carries the page sizes the cache is built with.
+            return AttentionConfig(mode="dense", impl=self.impl, sparsity=s)
+        streaming = None
+        pattern = s.head_pattern or head_pattern.default_pattern(self._ckpt)
+        if pattern is None:
+            log.warning("attention='lserve' without a head_pattern: every head is a dense head "
+                        "(page selection only)")
+        else:
+            streaming = head_pattern.streaming_heads_for_model(
+                pattern, s.static_sparsity, self.config.num_layers, self.config.num_kv_heads)
+            log.info("head pattern %s: %s", pattern, head_pattern.describe(streaming))
+        self.head_pattern = pattern
+        return AttentionConfig(mode="lserve", impl=self.impl, streaming_heads=streaming,
+                               sparsity=s)
+
+    def _spec(self, attention: AttentionConfig, num_pages: int):
+        return llama.cache_spec(self.config, attention, num_pages=num_pages,
+                                max_seqs=self.max_num_seqs,
+                                max_pages_per_seq=self.max_pages_per_seq,
+                                dtype=jnp.dtype(self.params["embed"].dtype).name)
+
+    def _memory_budget(self, gb: float | None, spec) -> int:
+        if gb is not None:
+            return int(gb * 2**30)
+        free = device.device_memory_for_cache(GPU_MEMORY_FRACTION)
+        return free if free is not None else int(CPU_KV_CACHE_GB * 2**30)
+
+    def _log_capacity(self) -> None:
+        """Log the pool's capacity in tokens, in this mode and, for the same memory, the other
+        (LServe keeps streaming heads in a constant ring, so its pages hold more context)."""
+        per_page, fixed = device.pool_bytes(self.spec)
+        memory = self.spec.num_pages * per_page + fixed
+        lines = [f"{self.attention_mode}: {(self.spec.num_pages - 1) * self.spec.page_size} "
+                 f"tokens in {self.spec.num_pages} pages ({memory / 2**30:.3f} GiB)"]
+        other = (AttentionConfig(mode="dense", impl=self.impl, sparsity=self.sparsity)
+                 if self.attention_mode == "lserve" else None)
+        if other is not None:
+            try:
+                size = device.size_pool(self._spec(other, 2), memory)
+                lines.append(f"dense in the same memory: {size.capacity_tokens} tokens")
+            except ValueError:
+                pass
+        self.capacity_summary = "; ".join(lines)
+        log.info("KV cache: %s", self.capacity_summary)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt, name: str) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass prompts as token-id lists")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__len__"):
+            raise TypeError(f"{name} is a {type(prompt).__name__}; a prompt is a string or a "
+                            "list of token ids")
+        else:
+            ids, text = prompt, None
+        ids = inputs.check_prompt_ids(ids, vocab_size=self.config.vocab_size,
+                                      context=self.max_model_len, name=name)
+        return text, ids
+
+    def _stop_ids(self, sp: SamplingParams) -> frozenset[int]:
+        inputs.check_token_ids("stop_token_ids", sp.stop_token_ids, self.config.vocab_size)
+        ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            ids |= set(self.config.eos_token_ids)
+            if self.tokenizer is not None:
+                ids |= set(self.tokenizer.eos_token_ids)
+        return frozenset(ids)
+
+    def add_request(self, request_id: Hashable | None, prompt,
+                    sampling_params: SamplingParams | None = None) -> Hashable:
+        """Queue a request: a prompt (text or token ids) and its SamplingParams. Generation
+        ends at a stop token, at `max_tokens`, or when the request fills `max_model_len`
+        (finish "length"). Bad input (an empty prompt, ids outside the vocabulary, a prompt
+        that leaves no room in the context or can never fit the pool, a duplicate id) raises
+        ValueError or TypeError, and nothing changes. Returns the request id (a fresh one
+        when `request_id` is None)."""
+        return self._add_request(request_id, prompt, sampling_params, None)
+
+    def _add_request(self, request_id, prompt, sampling_params, name: str | None) -> Hashable:
+        """`add_request`, with errors about the prompt naming it `name` (default: the id)."""
+        if request_id is None:
+            request_id = f"req-{next(self._auto_ids)}"
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already waiting or running")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, not "
+                            f"{type(sampling_params).__name__}")
+        text, ids = self._prompt_ids(prompt, name or f"request {request_id!r}")
+        stops = self._stop_ids(sampling_params)
+        room = self.max_model_len - len(ids)
+        sp = dataclasses.replace(sampling_params,
+                                 max_tokens=min(sampling_params.max_tokens, room))
+        seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, inputs.SEED_LIMIT))
+        request = Request(request_id, ids, sp)
+        self.scheduler.add(request)  # raises (nothing changed) if it can never fit
+        self._live[request_id] = _Live(
+            request=request, prompt=text, stop_ids=stops,
+            sampling=(sp.temperature, max(sp.top_k, 0), sp.top_p, inputs.seed_key(seed)),
+            metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
+            stream=self.tokenizer.decode_stream() if self.tokenizer is not None else None)
+        return request_id
+
+    def abort_request(self, request_id: Hashable) -> RequestOutput:
+        """Finish a waiting or running request now (finish "abort"), freeing its pages.
+        KeyError for an id that is not waiting or running."""
+        request = self.scheduler.abort(request_id)
+        live = self._live.pop(request_id)
+        live.metrics.finished_time = time.perf_counter()
+        self.counters["aborted"] += 1
+        return self._output(live, [], finished=True, reason="abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._live)
+
+    def stats(self) -> dict:
+        """Engine counters (cumulative) and gauges, for metrics."""
+        return dict(self.counters, compile_s=self.compile_s, **self.scheduler.stats())
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return every request that progressed (new tokens, or a
+        finish), in plan order."""
+        plan = self.scheduler.schedule()
+        now = time.perf_counter()
+        for rid in plan.preempted:
+            self._live[rid].metrics.num_preemptions += 1
+        for row in plan.rows:
+            metrics = self._live[row.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        results: dict[Hashable, tuple[int, bool]] = {}
+        decode = [r for r in plan.rows if r.is_decode]
+        prefill = [r for r in plan.rows if not r.is_decode]
+        if prefill:
+            results.update(self._run(prefill, decode=False))
+        if decode:
+            results.update(self._run(decode, decode=True))
+        sampled, finished, errors = {}, {}, {}
+        for row in plan.rows:
+            if not row.sample:
+                continue
+            token, bad = results[row.request_id]
+            live = self._live[row.request_id]
+            if bad:
+                finished[row.request_id] = "error"
+                errors[row.request_id] = (
+                    f"request {row.request_id!r}: non-finite logits (NaN or inf) for generated "
+                    f"token {row.num_output_tokens}; generation stopped after "
+                    f"{row.num_output_tokens} tokens. The checkpoint may be damaged (check it "
+                    "with --verify) or the computation overflowed (try float32)")
+                log.error(errors[row.request_id])
+                continue
+            sampled[row.request_id] = token
+            if token in live.stop_ids:
+                finished[row.request_id] = "stop"
+        done = {r.request_id for r in self.scheduler.update(plan, sampled, finished)}
+        self.counters["steps"] += 1
+        now = time.perf_counter()
+        outputs = []
+        for row in plan.rows:
+            live = self._live.get(row.request_id)
+            if live is None:
+                continue
+            new = [sampled[row.request_id]] if row.request_id in sampled else []
+            if new:
+                live.metrics.num_generated_tokens += 1
+                if live.metrics.first_token_time is None:
+                    live.metrics.first_token_time = now
+                    live.metrics.num_prefix_hit_tokens = live.request.num_prefix_hit_tokens
+            if row.request_id in errors:
+                live.error = errors[row.request_id]
+            if row.request_id in done:
+                live.metrics.finished_time = now
+                del self._live[row.request_id]
+                self.counters["finished"] += 1
+                self.counters["errors"] += row.request_id in errors
+                outputs.append(self._output(live, new, finished=True,
+                                            reason=live.request.finish_reason))
+            elif new:
+                outputs.append(self._output(live, new, finished=False, reason=None))
+        return outputs
+
+    def _output(self, live: _Live, new: list[int], *, finished: bool,
+                reason: str | None) -> RequestOutput:
+        request = live.request
+        ids = list(request.output_ids)
+        new_text = ""
+        if live.stream is not None:
+            new_text = live.stream.step(ids)
+            if finished:
+                new_text += live.stream.flush(ids)
+            live.text += new_text
+        return RequestOutput(
+            prompt=live.prompt, prompt_token_ids=list(request.prompt_ids), token_ids=ids,
+            text=live.text if live.stream is not None else None, finish_reason=reason,
+            error=live.error, request_id=request.request_id, new_token_ids=list(new),
+            new_text=new_text, finished=finished, metrics=live.metrics)
+
+    def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[int, bool]]:
+        """One device call for `rows` (all decode rows, or all prefill rows); returns each
+        row's (sampled token, logits not finite)."""
+        whole = not decode and self.streaming
+        if whole and any(r.start for r in rows):
+            raise AssertionError("a whole-prompt prefill row must start at position 0")
+        width = max(len(r.pages) for r in rows)
+        # Few shapes, so few compiles: decode rows in buckets of at least MIN_DECODE_ROWS (a
+        # decode step reads every weight whatever its rows), page-table widths of at least
+        # MIN_PAGE_COLUMNS pages.
+        shape = (device.bucket(len(rows), self.max_num_seqs, MIN_DECODE_ROWS if decode else 1),
+                 1 if decode else device.token_bucket(max(len(r.token_ids) for r in rows)),
+                 device.bucket(width, self.max_pages_per_seq, MIN_PAGE_COLUMNS))
+        batch = device.build_batch(rows, max_seqs=self.max_num_seqs, num_rows=shape[0],
+                                   num_tokens=shape[1], num_columns=shape[2],
+                                   sampling={r.request_id: self._live[r.request_id].sampling
+                                             for r in rows})
+        fn = device.decode_step if decode else device.prefill_step
+        static = {} if decode else dict(whole=whole)
+        exe = self._compiled(fn, batch, static)
+        self.cache, tokens, bad = exe(self.params, self.cache, batch)
+        tokens, bad = jax.device_get((tokens, bad))
+        key = "decode" if decode else "prefill"
+        self.counters[key + "_calls"] += 1
+        self.counters[key + "_tokens"] += sum(len(r.token_ids) for r in rows)
+        return {r.request_id: (int(tokens[i]), bool(bad[i])) for i, r in enumerate(rows)}
+
+    def _compiled(self, fn, batch: device.StepBatch, static: dict):
+        """The executable of `fn` for this batch's shape bucket, compiled once (logged)."""
+        key = (fn.__name__, batch.shape, tuple(sorted(static.items())))
+        exe = self._executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = fn.lower(self.params, self.cache, batch, config=self.config,
+                           attention=self.attention, **static).compile()
+            seconds = time.perf_counter() - t0
+            self.compile_s += seconds
+            log.info("compiled %s for rows, tokens, pages %s in %.1f s", fn.__name__,
+                     batch.shape, seconds)
+            self._executables[key] = exe
+        return exe
+
+    # ---- conveniences ----------------------------------------------------------------------------
+
+    def chat_prompt(self, message: str) -> str:
+        """Render one user message with the tokenizer's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: chat needs one")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                  add_generation_prompt=True)
+
+    def run_until_done(self, request_ids: Sequence[Hashable] | None = None
+                       ) -> dict[Hashable, RequestOutput]:
+        """Step until the given requests (default: all) finish; their final outputs."""
+        wanted = set(self._live) if request_ids is None else set(request_ids)
+        final = {}
+        while wanted - set(final):
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+        return final

@@ -1,0 +1,287 @@
+"""The serving engine end to end on a tiny random Llama (f32, CPU): the engine equals the static
+batch path, requests arriving at random steps and preempted ones produce the tokens each
+produces alone, aborts free their pages, freed pages poisoned with NaN change nothing, prefix
+caching saves prefill tokens without changing outputs, and bad requests are refused at
+`add_request` while the others go on."""
+
+import random
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import convert_tiny_llama, generate_greedy
+from lserve_jax import Engine, SamplingParams
+from lserve_jax.engine import device
+
+VOCAB = 128
+# A tiny LServe configuration whose windows and budget are much shorter than the prompts, so
+# streaming heads, page selection and its reuse all matter.
+TINY_LSERVE = dict(page_size=8, logical_page_size=4, ctx_sink_tokens=8, ctx_local_tokens=32,
+                   dec_sink_tokens=8, dec_local_tokens=16, token_budget=24, selector_interval=2,
+                   static_sparsity=0.5)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return convert_tiny_llama(tmp_path_factory, vocab_size=VOCAB, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def pattern(tmp_path_factory):
+    """One streaming KV head per layer (static_sparsity 0.5 streams the lower gate score)."""
+    path = tmp_path_factory.mktemp("pattern") / "heads.tsv"
+    path.write_text("0.9\t0.1\n0.2\t0.8\n")
+    return str(path)
+
+
+MODES = {
+    "dense": lambda pattern: dict(attention="dense", page_size=8, logical_page_size=4),
+    "lserve": lambda pattern: dict(attention="lserve", head_pattern=pattern, **TINY_LSERVE),
+    "lserve-dense-heads": lambda pattern: dict(
+        attention="lserve", **{k: v for k, v in TINY_LSERVE.items() if k != "static_sparsity"}),
+}
+
+
+def make_engine(ckpt, pattern, mode, **kwargs):
+    return Engine(ckpt, **MODES[mode](pattern), **kwargs)
+
+
+def random_prompt(rng, n):
+    return [int(t) for t in rng.integers(3, VOCAB, n)]  # ids 0-2 are special (eos is 2)
+
+
+def alone(engine, prompt, sp):
+    """The tokens `prompt` produces as the engine's only request."""
+    rid = engine.add_request(None, prompt, sp)
+    return engine.run_until_done([rid])[rid].token_ids
+
+
+def check_pool_empty(engine):
+    """Every page is free again (cached pages may stay cached, held by nobody)."""
+    pool = engine.pool
+    assert pool.num_free == pool.num_usable_pages
+    assert all(pool.refcount(p) == 0 for p in range(1, pool.num_pages))
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("mode", ["dense", "lserve"])
+def test_engine_equals_the_static_batch_path(ckpt, pattern, mode):
+    engine = make_engine(ckpt, pattern, mode)
+    rng = np.random.default_rng(0)
+    prompts = [random_prompt(rng, n) for n in (5, 40, 77)]
+    n = 20
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(None, p, sp) for p in prompts]
+    final = engine.run_until_done(ids)
+    ref, _ = generate_greedy(engine.params, engine.config, engine.attention, prompts, n, t=80)
+    for rid, expected in zip(ids, ref):
+        assert final[rid].token_ids == expected.tolist()
+        assert final[rid].finish_reason == "length" and final[rid].finished
+    check_pool_empty(engine)
+
+
+@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads"])
+def test_chunk_size_does_not_change_tokens(ckpt, pattern, mode):
+    """Chunks of 8, 12 and 100 tokens split pages and logical pages; tokens equal a prefill
+    in one piece."""
+    rng = np.random.default_rng(1)
+    prompts = [random_prompt(rng, n) for n in (90, 33)]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = {}
+    for chunk in (8, 12, 100, 256):
+        engine = make_engine(ckpt, pattern, mode, max_num_seqs=2, max_num_batched_tokens=chunk)
+        ids = [engine.add_request(None, p, sp) for p in prompts]
+        final = engine.run_until_done(ids)
+        outs[chunk] = [final[i].token_ids for i in ids]
+        if chunk < 90:
+            assert engine.counters["prefill_calls"] > len(prompts)  # really chunked
+    assert outs[8] == outs[12] == outs[100] == outs[256]
+
+
+def _workload(seed, n):
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        sp = SamplingParams(max_tokens=int(rng.integers(1, 16)),
+                            temperature=0.0 if i % 2 else 0.8, top_k=20, seed=int(i),
+                            ignore_eos=True)
+        reqs.append((random_prompt(rng, int(rng.integers(1, 60))), sp))
+    return reqs
+
+
+@pytest.mark.parametrize("mode,num_pages", [("dense", None), ("lserve", None),
+                                            ("dense", 12), ("lserve", 12)])
+def test_random_arrivals_and_preemption_give_the_tokens_of_each_request_alone(
+        ckpt, pattern, mode, num_pages):
+    """Requests join at random steps; with 12 pages (11 usable of 8 tokens) they do not all
+    fit, so some are preempted and recomputed. Sampled requests draw the same tokens too."""
+    reqs = _workload(7, 8)
+    reference = make_engine(ckpt, pattern, mode)
+    expected = [alone(reference, p, sp) for p, sp in reqs]
+    engine = make_engine(ckpt, pattern, mode, max_num_seqs=4, max_num_batched_tokens=48,
+                         num_pages=num_pages)
+    rng = random.Random(3)
+    pending = list(enumerate(reqs))
+    final = {}
+    while pending or engine.has_unfinished_requests():
+        while pending and (not engine.has_unfinished_requests() or rng.random() < 0.5):
+            i, (p, sp) = pending.pop(0)
+            engine.add_request(i, p, sp)
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert [final[i].token_ids for i in range(len(reqs))] == expected
+    if num_pages is not None:
+        assert engine.stats()["preemptions"] > 0
+        assert sum(final[i].metrics.num_preemptions for i in final) > 0
+    check_pool_empty(engine)
+
+
+def test_abort_frees_pages_and_others_go_on(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "dense", max_num_seqs=4)
+    rng = np.random.default_rng(2)
+    keep, drop = random_prompt(rng, 30), random_prompt(rng, 50)
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = alone(engine, keep, sp)
+    engine.add_request("keep", keep, sp)
+    engine.add_request("drop", drop, sp)
+    engine.add_request("waiting", drop, sp)
+    for _ in range(3):
+        engine.step()
+    held = engine.pool.num_usable_pages - engine.pool.num_free
+    out = engine.abort_request("drop")
+    assert out.finished and out.finish_reason == "abort" and 0 < len(out.token_ids) < 10
+    assert engine.pool.num_usable_pages - engine.pool.num_free < held
+    engine.abort_request("waiting")
+    with pytest.raises(KeyError):
+        engine.abort_request("drop")
+    assert engine.run_until_done(["keep"])["keep"].token_ids == expected
+    check_pool_empty(engine)
+
+
+def _poison_free_pages(engine):
+    """NaN into every free, uncached page of every pool array (keys, values, statistics)."""
+    pool = engine.pool
+    free = [p for p in range(1, pool.num_pages)
+            if pool.refcount(p) == 0 and pool.page_hash(p) is None]
+    if not free:
+        return
+    idx = jnp.asarray(free)
+    cache = engine.cache
+    poison = lambda arrays: tuple(a.at[:, idx].set(jnp.nan) for a in arrays)  # noqa: E731
+    engine.cache = cache.replace(k=poison(cache.k), v=poison(cache.v), kmax=poison(cache.kmax),
+                                 kmin=poison(cache.kmin))
+
+
+@pytest.mark.parametrize("mode", ["dense", "lserve"])
+def test_freed_pages_poisoned_with_nan_change_nothing(ckpt, pattern, mode):
+    reqs = _workload(11, 6)
+    reference = make_engine(ckpt, pattern, mode)
+    expected = [alone(reference, p, sp) for p, sp in reqs]
+    engine = make_engine(ckpt, pattern, mode, max_num_seqs=3, max_num_batched_tokens=40,
+                         num_pages=30)
+    for i, (p, sp) in enumerate(reqs):
+        engine.add_request(i, p, sp)
+    final = {}
+    _poison_free_pages(engine)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        _poison_free_pages(engine)
+    assert [final[i].token_ids for i in range(len(reqs))] == expected
+    assert all(final[i].finish_reason == "length" for i in final)
+
+
+@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads"])
+def test_prefix_caching_reuses_pages_and_keeps_tokens(ckpt, pattern, mode):
+    rng = np.random.default_rng(5)
+    shared = random_prompt(rng, 40)  # 5 full pages of 8
+    a, b = shared + random_prompt(rng, 7), shared + random_prompt(rng, 12)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cold = make_engine(ckpt, pattern, mode, enable_prefix_caching=False)
+    expected = alone(cold, b, sp)
+    engine = make_engine(ckpt, pattern, mode)
+    alone(engine, a, sp)
+    before = engine.counters["prefill_tokens"]
+    rid = engine.add_request(None, b, sp)
+    out = engine.run_until_done([rid])[rid]
+    assert out.token_ids == expected
+    assert out.metrics.num_prefix_hit_tokens == 40
+    assert engine.counters["prefill_tokens"] - before == len(b) - 40
+    assert engine.stats()["prefix_hit_tokens"] >= 40
+
+
+def test_streaming_heads_turn_prefix_caching_off(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "lserve")
+    assert engine.streaming and not engine.enable_prefix_caching
+
+
+def test_bad_requests_are_refused_and_running_ones_go_on(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "dense", num_pages=20)
+    rng = np.random.default_rng(9)
+    prompt = random_prompt(rng, 20)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = alone(engine, prompt, sp)
+    engine.add_request("ok", prompt, sp)
+    engine.step()
+    bad = [
+        ([], sp, ValueError, "empty"),
+        ([5, VOCAB], sp, ValueError, "vocabulary|out of range|>= 128"),
+        ([-1, 4], sp, ValueError, ""),
+        (random_prompt(rng, 256), sp, ValueError, "context"),
+        (random_prompt(rng, 200), SamplingParams(max_tokens=40), ValueError, "pool"),
+        ("text", sp, ValueError, "tokenizer"),
+        (3.5, sp, TypeError, "prompt"),
+        ([4, 5], dict(max_tokens=3), TypeError, "SamplingParams"),
+    ]
+    for prompt_, sp_, error, match in bad:
+        with pytest.raises(error, match=match):
+            engine.add_request(None, prompt_, sp_)
+        engine.step()
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request("ok", prompt, sp)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1.0)
+    out = engine.run_until_done(["ok"])["ok"]
+    assert out.token_ids == expected
+    check_pool_empty(engine)
+
+
+def test_outputs_stream_text_and_metrics(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "dense")
+    rid = engine.add_request(None, [5, 6, 7, 8], SamplingParams(max_tokens=5, temperature=0,
+                                                                ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            seen += out.new_token_ids
+            last = out
+    assert seen == last.token_ids and len(seen) == 5 and last.finished
+    m = last.metrics
+    assert m.num_prompt_tokens == 4 and m.num_generated_tokens == 5
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    assert m.ttft > 0 and m.tpot > 0 and m.latency >= m.ttft
+
+
+def test_generation_stops_at_the_model_length(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "dense", max_model_len=40)
+    rid = engine.add_request(None, list(range(3, 33)), SamplingParams(max_tokens=100,
+                                                                      temperature=0,
+                                                                      ignore_eos=True))
+    out = engine.run_until_done([rid])[rid]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_pool_is_sized_from_memory(ckpt, pattern):
+    engine = make_engine(ckpt, pattern, "dense", kv_cache_memory_gb=0.001)
+    per_page, fixed = device.pool_bytes(engine.spec)
+    assert engine.spec.num_pages == (2**30 // 1000 - fixed) // per_page
+    lserve = make_engine(ckpt, pattern, "lserve", kv_cache_memory_gb=0.001)
+    assert "dense in the same memory" in lserve.capacity_summary
+    with pytest.raises(ValueError, match="pages"):
+        make_engine(ckpt, pattern, "dense", kv_cache_memory_gb=1e-7)
+    with pytest.raises(ValueError, match="not both"):
+        make_engine(ckpt, pattern, "dense", kv_cache_memory_gb=1, num_pages=10)
