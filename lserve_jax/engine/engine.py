@@ -118,6 +118,7 @@ class _Live:
     sampling: tuple
     metrics: RequestMetrics
     stream: object | None
+    label: str = ""  # how errors name the request ("request 'a'", "prompt 0")
     text: str = ""
     error: str | None = None
 
@@ -242,7 +243,11 @@ class Engine:
         if gb is not None:
             return int(gb * 2**30)
         free = device.device_memory_for_cache(GPU_MEMORY_FRACTION)
-        return free if free is not None else int(CPU_KV_CACHE_GB * 2**30)
+        if free is not None:
+            return free
+        # The CPU default grows to hold the streaming pool and one full-length request.
+        per_page, fixed = device.pool_bytes(spec)
+        return max(int(CPU_KV_CACHE_GB * 2**30), fixed + per_page * (self.max_pages_per_seq + 1))
 
     def _log_capacity(self) -> None:
         """Log the pool's capacity in tokens, in this mode and, for the same memory, the other
@@ -308,7 +313,8 @@ class Engine:
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, not "
                             f"{type(sampling_params).__name__}")
-        text, ids = self._prompt_ids(prompt, name or f"request {request_id!r}")
+        name = name or f"request {request_id!r}"
+        text, ids = self._prompt_ids(prompt, name)
         stops = self._stop_ids(sampling_params)
         room = self.max_model_len - len(ids)
         sp = dataclasses.replace(sampling_params,
@@ -317,7 +323,7 @@ class Engine:
         request = Request(request_id, ids, sp)
         self.scheduler.add(request)  # raises (nothing changed) if it can never fit
         self._live[request_id] = _Live(
-            request=request, prompt=text, stop_ids=stops,
+            request=request, prompt=text, stop_ids=stops, label=name,
             sampling=(sp.temperature, max(sp.top_k, 0), sp.top_p, inputs.seed_key(seed)),
             metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
             stream=self.tokenizer.decode_stream() if self.tokenizer is not None else None)
@@ -371,7 +377,7 @@ class Engine:
             if bad:
                 finished[row.request_id] = "error"
                 errors[row.request_id] = (
-                    f"request {row.request_id!r}: non-finite logits (NaN or inf) for generated "
+                    f"{live.label}: non-finite logits (NaN or inf) for generated "
                     f"token {row.num_output_tokens}; generation stopped after "
                     f"{row.num_output_tokens} tokens. The checkpoint may be damaged (check it "
                     "with --verify) or the computation overflowed (try float32)")
