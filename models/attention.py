@@ -286,7 +286,9 @@ class LayerStep:
     written (a prefill attends within them, a decode step over them); cos, sin [B, T, D] RoPE;
     need [B] the decode rows whose page selection is recomputed (None in a prefill).
     `decode` (static): one new token per row over the paged cache; `chunk` (static): a prefill
-    chunk that continues cached tokens (attends over the pages); neither: whole prompts.
+    chunk that continues cached tokens (attends over the pages and the prefill window), or with
+    `fresh` (static) a chunk of rows that all start at position 0 (attends within the chunk,
+    as a whole prompt does); neither: whole prompts.
     """
 
     slots: jax.Array
@@ -298,60 +300,97 @@ class LayerStep:
     need: jax.Array | None = None
     decode: bool = struct.field(pytree_node=False, default=False)
     chunk: bool = struct.field(pytree_node=False, default=False)
+    fresh: bool = struct.field(pytree_node=False, default=False)
 
 
 def store_layer(cache: KVCache, k: jax.Array, v: jax.Array, step: LayerStep, *,
                 config: AttentionConfig) -> KVCache:
     """Write a layer's new keys and values (k, v [B, T, Hkv, D], post-RoPE) into a one-layer
     cache view (`KVCache.layer_view`), `config` from `AttentionConfig.for_layer`: dense heads
-    into their pages and key statistics, streaming heads into their sink and ring."""
+    into their pages and key statistics, streaming heads into their sink and ring (and, for a
+    prefill chunk, into its prefill window pages)."""
     return kv_cache.write_tokens(
         cache, 0, step.slots, step.positions, step.valid, step.lengths, k, v,
         streaming_heads=config.layer_streaming(0, k.shape[2]),
-        layout=cache_streaming_layout(cache, config), impl=config.impl,
+        layout=cache_streaming_layout(cache, config), window=step.chunk, impl=config.impl,
         interpret=config.interpret)
 
 
-def chunk_attention(q: jax.Array, cache: KVCache, step: LayerStep, *,
-                    config: AttentionConfig) -> jax.Array:
-    """Attention of a prefill chunk over its sequence's cached pages, the chunk included
-    (already stored), causally: query t of row b (position `step.positions[b, t]`) sees every
-    key j <= its position and j < `step.lengths[b]`. q [B, T, Hq, D]; cache a one-layer view.
-    Returns [B, T, Hq, D]; padding queries (not `step.valid`) get zeros.
+def _gather_keys(pool: jax.Array, table: jax.Array) -> jax.Array:
+    """pool [H, P, S, D] read through table [B, W] -> [B, H, W * S, D]."""
+    x = pool[:, table]  # [H, B, W, S, D]
+    return jnp.moveaxis(x, 0, 1).reshape(table.shape[0], pool.shape[0], -1, pool.shape[3])
 
-    Plain jnp over the gathered pages (the chunked prefill's reference path). Dense heads only:
-    a chunk's streaming heads need the prefill window (sink + the last `ctx_local_tokens`),
-    which the decode ring does not keep (docs/design.md §6), so a layer with streaming heads is
-    refused.
-    """
-    _, stream = _head_split(cache, 0, config)
-    if stream:
-        raise NotImplementedError("chunked prefill of layers with streaming heads is not built "
-                                  "yet (docs/design.md §6)")
-    b, t, hq, d = q.shape
-    table = cache.page_table[step.slots]  # [B, P]
-    k = cache.k[0][:, table]  # [Hkv, B, P, S, D]
-    v = cache.v[0][:, table]
-    hkv = k.shape[0]
-    k = jnp.moveaxis(k, 0, 1).reshape(b, hkv, -1, d)  # [B, Hkv, P*S, D]
-    v = jnp.moveaxis(v, 0, 1).reshape(b, hkv, -1, d)
-    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32),
+
+def _softmax_attend(q: jax.Array, keys: jax.Array, values: jax.Array,
+                    visible: jax.Array) -> jax.Array:
+    """q [B, T, H, G, D]; keys, values [B, H, S, D]; visible [B, T, S] -> [B, T, H, G, D] f32.
+    Rows with nothing visible get zeros; values of keys no query sees are zeroed first (a zero
+    weight times a stale NaN would be NaN)."""
+    d = q.shape[-1]
+    seen = jnp.any(visible, axis=1)  # [B, S]
+    values = jnp.where(seen[:, None, :, None], values, jnp.zeros_like(values))
+    scores = jnp.einsum("bthgd,bhsd->bhgts", q.astype(jnp.float32), keys.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
-    keys = jnp.arange(k.shape[2])
-    visible = ((keys[None, None, :] <= step.positions[:, :, None])
-               & (keys[None, None, :] < step.lengths[:, None, None])
-               & step.valid[:, :, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    # Slots past a row's length may hold anything (a freed page's stale or non-finite values):
-    # a zero weight times NaN is NaN, so zero those values.
-    v = jnp.where((keys < step.lengths[:, None])[:, None, :, None], v, jnp.zeros_like(v))
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.where(visible[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
-    out = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(jnp.float32),
+    out = jnp.einsum("bhgts,bhsd->bthgd", p, values.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
-    denom = jnp.moveaxis(jnp.sum(p, axis=-1), -1, 1)  # [B, T, Hkv, G]
-    out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
+    denom = jnp.moveaxis(jnp.sum(p, axis=-1), -1, 1)  # [B, T, H, G]
+    return out / jnp.where(denom == 0, 1.0, denom)[..., None]
+
+
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, step: LayerStep,
+                    *, config: AttentionConfig) -> jax.Array:
+    """Attention of a prefill chunk over its sequence's cached tokens and itself, causally:
+    query t of row b at position i = `step.positions[b, t]` sees keys j <= i; in LServe mode a
+    streaming head only those with j < ctx_sink_tokens or j > i - ctx_local_tokens (the Λ mask
+    of `prefill_attention`). q [B, T, Hq, D]; k, v [B, T, Hkv, D] the chunk's keys and values;
+    cache a one-layer view. Returns [B, T, Hq, D]; padding queries (not `step.valid`) get zeros.
+
+    Keys before the chunk come from the pages: the dense heads' from the page table, the
+    streaming heads' from the slot's prefill window (`KVCache.window_table`; the decode ring
+    does not hold the prefill window, docs/design.md §6); the chunk's own from k, v. Plain jnp
+    over the gathered pages: the chunked prefill's reference path.
+    """
+    dense, stream = _head_split(cache, 0, config)
+    b, t, hq, d = q.shape
+    hkv = len(dense) + len(stream)
+    g = hq // hkv
+    qg = q.reshape(b, t, hkv, g, d)
+    start = step.positions[:, :1]  # [B, 1]: a row's chunk starts there (padding rows: unused)
+    query = step.positions[:, :, None]  # [B, T, 1]
+    fresh = (step.positions[:, None, :] <= query) & step.valid[:, None, :]  # [B, T, T]
+    s = config.sparsity
+    parts = []  # (heads, pool, table, streaming)
+    if dense:
+        parts.append((dense, cache.k[0], cache.v[0], cache.page_table[step.slots], False))
+    if stream:
+        if not cache.window_table.shape[1]:
+            raise ValueError("a prefill chunk of a layer with streaming heads needs the cache's "
+                             "prefill window pages (KVCacheSpec.num_window_pages)")
+        parts.append((stream, cache.sk[0], cache.sv[0], cache.window_table[step.slots], True))
+    outs = []
+    for heads, kpool, vpool, table, streaming in parts:
+        keys = jnp.arange(table.shape[1] * cache.page_size)
+        cached = (keys[None, None] < start[:, :, None]) & step.valid[:, :, None]  # [B, T, K]
+        if streaming:
+            mapped = jnp.repeat(table != kv_cache.NULL_PAGE, cache.page_size, axis=1)
+            cached &= mapped[:, None, :]
+        visible = [cached, fresh]
+        if streaming:
+            lam = lambda j: (j < s.ctx_sink_tokens) | (j > query - s.ctx_local_tokens)  # noqa: E731
+            visible = [cached & lam(keys[None, None]), fresh & lam(step.positions[:, None, :])]
+        idx = np.array(heads)
+        out = _softmax_attend(
+            qg[:, :, idx], jnp.concatenate([_gather_keys(kpool, table), k[:, :, idx].swapaxes(1, 2)],
+                                           axis=2),
+            jnp.concatenate([_gather_keys(vpool, table), v[:, :, idx].swapaxes(1, 2)], axis=2),
+            jnp.concatenate(visible, axis=2))
+        outs.append(out)
+    out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(dense + stream)]  # head order
+    out = jnp.where(step.valid[:, :, None, None, None], out, 0)
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
@@ -364,8 +403,8 @@ def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step:
     the dense heads' pages for rows in `step.need` (LServe), keeps the selection in the cache,
     and attends over the pages (`decode_attention`)."""
     cache = store_layer(cache, k, v, step, config=config)
-    if step.chunk:
-        return cache, chunk_attention(q, cache, step, config=config)
+    if step.chunk and not step.fresh:
+        return cache, chunk_attention(q, k, v, cache, step, config=config)
     if not step.decode:
         return cache, prefill_attention(q, k, v, step.lengths, layer=0, config=config)
     selected = None

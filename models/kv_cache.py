@@ -19,6 +19,13 @@ l, in KV-head order; in dense mode every head is a dense head):
     stream_table        [max_seqs, num_stream_pages] int32: the sink pages then the ring pages
                         of each slot (models/streaming_pool.py); fixed at init, because every
                         sequence owns the same constant number of them
+    window_table        [max_seqs, max_pages_per_seq] int32 (width 0 without window pages):
+                        the prefill window of each slot, page-table column -> streaming-pool
+                        page, NULL_PAGE where the window keeps nothing. A prompt prefilled in
+                        chunks keeps its streaming heads' keys for later chunks (the sink and
+                        the last `ctx_local_tokens`, which the decode ring does not hold) in the
+                        streaming pool's last `num_window_pages` pages, after the slots' pages;
+                        their owner (the engine's scheduler) fills the table
 
     selected[l]         [max_seqs, Hsel[l], budget_pages] int32: page-table *columns* (a
                         sequence's page numbers, not pool page ids and not the 16-token logical
@@ -68,6 +75,7 @@ class KVCache:
     sk: tuple[jax.Array, ...]
     sv: tuple[jax.Array, ...]
     stream_table: jax.Array
+    window_table: jax.Array
     selected: tuple[jax.Array, ...]
     selected_num_pages: jax.Array
     decode_steps: jax.Array
@@ -93,6 +101,12 @@ class KVCache:
     def num_stream_pages(self) -> int:
         """Streaming pages per sequence (0 when no layer has streaming heads)."""
         return self.stream_table.shape[1]
+
+    @property
+    def first_window_page(self) -> int:
+        """Streaming-pool id of the first prefill window page (after the null page and the
+        slots' sink and ring pages)."""
+        return 1 + self.max_seqs * self.num_stream_pages
 
     @property
     def budget_pages(self) -> int | None:
@@ -147,6 +161,7 @@ class KVCacheSpec:
     streaming_layout: StreamingLayout | None = None
     budget_pages: int | None = None
     selection_lists_per_head: int = 1
+    num_window_pages: int = 0  # prefill window pages of the streaming pool (see `KVCache`)
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "max_seqs",
@@ -168,6 +183,9 @@ class KVCacheSpec:
         layout = self.streaming_layout
         if layout is not None and layout.page_size != self.page_size:
             raise ValueError(f"streaming_layout.page_size={layout.page_size} != {self.page_size=}")
+        if self.num_window_pages < 0 or (self.num_window_pages and not self.has_streaming):
+            raise ValueError(f"num_window_pages={self.num_window_pages} needs streaming heads "
+                             "and must be >= 0")
         if self.budget_pages is not None and lps is None:
             raise ValueError("page selection (budget_pages) needs logical_page_size statistics")
 
@@ -204,7 +222,7 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, dtype)  # noqa: E731
     if spec.has_streaming:
         n = spec.streaming_layout.num_pages
-        stream_pages = 1 + spec.max_seqs * n
+        stream_pages = 1 + spec.max_seqs * n + spec.num_window_pages
         stream_table = 1 + jnp.arange(spec.max_seqs * n, dtype=jnp.int32).reshape(-1, n)
     else:
         stream_pages, stream_table = 1, jnp.zeros((spec.max_seqs, 0), jnp.int32)
@@ -223,6 +241,8 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
         sv=tuple(pool(spec.num_kv_heads - dense[layer], stream_pages) for layer in layers)
         if spec.has_streaming else (),
         stream_table=stream_table,
+        window_table=jnp.zeros((spec.max_seqs,
+                                spec.max_pages_per_seq if spec.num_window_pages else 0), jnp.int32),
         selected=tuple(
             jnp.zeros((spec.max_seqs, dense[layer] * spec.selection_lists_per_head,
                        spec.budget_pages), jnp.int32) for layer in layers) if selecting else (),
@@ -377,7 +397,7 @@ def split_heads(streaming_heads: tuple[bool, ...]) -> tuple[list[int], list[int]
 def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Array,
                  valid: jax.Array, lengths: jax.Array, k: jax.Array, v: jax.Array, *,
                  streaming_heads: tuple[bool, ...], layout: StreamingLayout | None,
-                 impl: str = "xla", interpret: bool = False) -> KVCache:
+                 window: bool = False, impl: str = "xla", interpret: bool = False) -> KVCache:
     """Store one layer's new keys/values: dense heads into the dense pool (and their key
     statistics, when kept), streaming heads into their sink/ring pages (LServe, arXiv 2502.14866).
 
@@ -387,7 +407,8 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
     so a long prefill never writes one ring slot twice. A decode step (T = 1) with
     `impl="pallas"` writes each pool with one launch of the append kernel
     (`pallas_kernels.append_tokens`: keys, values and statistics together, in place) instead of
-    one scatter per array.
+    one scatter per array. With `window` (a prefill chunk) streaming heads also store every
+    token whose page-table column has a prefill window page (`KVCache.window_table`).
     """
     dense, stream = split_heads(streaming_heads)
     if len(dense) != cache.k[layer].shape[0]:
@@ -434,4 +455,13 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         else:
             arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks)
             arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs)
+        if window and cache.window_table.shape[1]:
+            col = jnp.clip(positions // cache.page_size, 0, cache.window_table.shape[1] - 1)
+            pages = jnp.take_along_axis(cache.window_table[slots], col, axis=1)
+            kept = valid & (pages != NULL_PAGE)
+            pages = jnp.where(kept, pages, NULL_PAGE)
+            offsets = positions % cache.page_size
+            for name, x in (("sk", k), ("sv", v)):
+                x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
+                arrays[name] = write_layer(arrays[name], pages, offsets, x)
     return cache.replace_layer(layer, **arrays)

@@ -162,13 +162,16 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
 
 def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.Array,
                   chunk_lens: jax.Array, slots: jax.Array, *, config: LlamaConfig,
-                  attention: AttentionConfig) -> tuple[KVCache, jax.Array]:
+                  attention: AttentionConfig, fresh: bool = False) -> tuple[KVCache, jax.Array]:
     """Continue prompts by one chunk each: tokens [B, T] right-padded at positions starts [B]
     onwards, chunk_lens [B] real tokens (a row with 0 is left untouched). The slots' pages must
-    be reserved for starts + chunk_lens tokens and hold the first `starts` tokens already.
+    be reserved for starts + chunk_lens tokens and hold the first `starts` tokens already; with
+    streaming heads, the slots' prefill windows (`KVCache.window_table`) must map the columns
+    the chunk reads (the sink and the last `ctx_local_tokens` before `starts`) and, if a later
+    chunk follows, the columns it writes. `fresh` (static) promises every row starts at 0: the
+    chunk then attends within itself (`prefill_attention`, the sparse prefill kernel on a GPU).
     Returns the cache with seq_lens = starts + chunk_lens and the logits of each chunk's last
-    token [B, V] (f32). Chunked prefill equals one-shot `prefill` (tests/test_chunked_prefill.py);
-    layers with streaming heads are not supported yet (`attention.chunk_attention`).
+    token [B, V] (f32). Chunked prefill equals one-shot `prefill` (tests/test_chunked_prefill.py).
     """
     b, t = tokens.shape
     offsets = jnp.arange(t, dtype=jnp.int32)
@@ -176,7 +179,7 @@ def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.A
     lengths = starts + chunk_lens
     cos, sin = rope_cos_sin(config, positions)
     step = LayerStep(slots=slots, positions=positions, valid=offsets[None] < chunk_lens[:, None],
-                     lengths=lengths, cos=cos, sin=sin, chunk=True)
+                     lengths=lengths, cos=cos, sin=sin, chunk=True, fresh=fresh)
     x, cache = run_layers(params, cache, params["embed"][tokens], step, config=config,
                           attention=attention)
     last = jnp.clip(chunk_lens - 1, 0, t - 1)

@@ -1,8 +1,9 @@
 """Chunked prefill (`llama.prefill_chunk`) equals one-shot prefill: the last token's logits to
 tolerance, the greedy continuation exactly, for chunks that split pages and logical pages, in
-ragged batches, dense and LServe (page selection over dense heads)."""
+ragged batches, dense and LServe (page selection over dense heads; and streaming heads whose
+prefill window, 3 sink + 7 local tokens, chunks split and prompts outrun)."""
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,16 @@ DENSE = AttentionConfig(sparsity=SparsityConfig(**PAGES))
 LSERVE = AttentionConfig(mode="lserve", sparsity=SparsityConfig(
     **PAGES, token_budget=12, dec_sink_tokens=4, dec_local_tokens=4, keep_first_pages=0,
     selector_interval=2))
+# A streaming head in each layer; a sink that is not a whole page.
+STREAMING = AttentionConfig(mode="lserve", streaming_heads=((True, False), (False, True)),
+                            sparsity=SparsityConfig(
+                                **PAGES, token_budget=12, dec_sink_tokens=4, dec_local_tokens=4,
+                                ctx_sink_tokens=3, ctx_local_tokens=7, keep_first_pages=0,
+                                selector_interval=2))
 MAX_PAGES, NEW = 12, 8
 
 prefill = jax.jit(llama.prefill, static_argnames=("config", "attention"))
-chunk = jax.jit(llama.prefill_chunk, static_argnames=("config", "attention"))
+chunk = jax.jit(llama.prefill_chunk, static_argnames=("config", "attention", "fresh"))
 decode = jax.jit(llama.decode, static_argnames=("config", "attention"))
 
 
@@ -33,12 +40,20 @@ def params():
 
 
 def _cache(attention, lengths):
-    spec = llama.cache_spec(CONFIG, attention, num_pages=len(lengths) * MAX_PAGES + 1,
-                            max_seqs=len(lengths), max_pages_per_seq=MAX_PAGES)
+    """Pages reserved for each prompt and NEW tokens; with streaming heads, a prefill window
+    page for every column of every slot (the engine's scheduler maps only the window)."""
+    b = len(lengths)
+    spec = llama.cache_spec(CONFIG, attention, num_pages=b * MAX_PAGES + 1, max_seqs=b,
+                            max_pages_per_seq=MAX_PAGES)
+    if attention.has_streaming:
+        spec = dataclasses.replace(spec, num_window_pages=b * MAX_PAGES)
     cache = kv_cache.init_cache(spec)
     for slot, n in enumerate(lengths):
         cache, ok = kv_cache.reserve(cache, slot, n + NEW)
         assert bool(ok)
+    if attention.has_streaming:
+        table = cache.first_window_page + jnp.arange(b * MAX_PAGES, dtype=jnp.int32)
+        cache = cache.replace(window_table=table.reshape(b, MAX_PAGES))
     return cache
 
 
@@ -65,8 +80,9 @@ def _one_shot(params, prompts, attention):
     return logits, _continue(params, cache, logits, attention)
 
 
-def _chunked(params, prompts, attention, size):
-    """Every row prefilled `size` tokens per call (rows that are done get 0-token chunks)."""
+def _chunked(params, prompts, attention, size, fresh_first=False):
+    """Every row prefilled `size` tokens per call (rows that are done get 0-token chunks); with
+    `fresh_first` the first call is a `fresh` chunk (attention within the chunk)."""
     lengths = np.array([len(p) for p in prompts])
     cache, done = _cache(attention, lengths), np.zeros(len(prompts), np.int32)
     last = None
@@ -77,7 +93,8 @@ def _chunked(params, prompts, attention, size):
             tokens[i, :n[i]] = p[done[i]:done[i] + n[i]]
         cache, logits = chunk(params, cache, jnp.asarray(tokens), jnp.asarray(done, jnp.int32),
                               jnp.asarray(n, jnp.int32), jnp.arange(len(prompts)),
-                              config=CONFIG, attention=attention)
+                              config=CONFIG, attention=attention,
+                              fresh=fresh_first and not done.any())
         # a row's logits are those of the call that held its last token
         last = logits if last is None else jnp.where((n > 0)[:, None], logits, last)
         done = done + n
@@ -85,13 +102,15 @@ def _chunked(params, prompts, attention, size):
     return last, _continue(params, cache, last, attention)
 
 
-@pytest.mark.parametrize("attention", [DENSE, LSERVE], ids=["dense", "lserve"])
-@pytest.mark.parametrize("size", [3, 5, 8, 32])
-def test_chunked_prefill_equals_one_shot(params, attention, size):
+@pytest.mark.parametrize("attention", [DENSE, LSERVE, STREAMING],
+                         ids=["dense", "lserve", "lserve-streaming"])
+@pytest.mark.parametrize("size,fresh_first", [(3, False), (5, False), (8, False), (32, False),
+                                              (6, True)])
+def test_chunked_prefill_equals_one_shot(params, attention, size, fresh_first):
     rng = np.random.default_rng(size)
     prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (23, 9, 30)]
     logits, tokens = _one_shot(params, prompts, attention)
-    chunk_logits, chunk_tokens = _chunked(params, prompts, attention, size)
+    chunk_logits, chunk_tokens = _chunked(params, prompts, attention, size, fresh_first)
     np.testing.assert_allclose(np.asarray(chunk_logits), np.asarray(logits), atol=2e-4,
                                rtol=2e-4)
     np.testing.assert_array_equal(chunk_tokens, tokens)
@@ -107,10 +126,34 @@ def test_a_zero_token_chunk_leaves_its_row_alone(params):
     assert not row1.any()  # nothing was written for the empty chunk
 
 
-def test_streaming_heads_are_refused_for_now(params):
-    att = AttentionConfig(mode="lserve", streaming_heads=((True, False), (False, False)),
-                          sparsity=LSERVE.sparsity)
-    cache = _cache(att, [6])
-    with pytest.raises(NotImplementedError, match="streaming heads"):
+def test_streaming_chunks_need_window_pages(params):
+    cache = kv_cache.init_cache(llama.cache_spec(CONFIG, STREAMING, num_pages=13, max_seqs=1,
+                                                 max_pages_per_seq=MAX_PAGES))
+    with pytest.raises(ValueError, match="prefill window"):
         llama.prefill_chunk(params, cache, jnp.zeros((1, 6), jnp.int32), jnp.zeros(1, jnp.int32),
-                            jnp.array([6]), jnp.arange(1), config=CONFIG, attention=att)
+                            jnp.array([6]), jnp.arange(1), config=CONFIG, attention=STREAMING)
+
+
+def test_windowless_keys_are_not_seen(params):
+    """A window table that drops the keys outside the Λ window changes nothing; one that drops a
+    key inside it changes the logits (so the window is what streaming heads read)."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, CONFIG.vocab_size, 24).tolist()
+    (logits,), _ = _one_shot(params, [prompt], STREAMING)
+
+    def run(drop_columns):
+        cache = _cache(STREAMING, [24])
+        table = np.asarray(cache.window_table).copy()
+        table[0, drop_columns] = kv_cache.NULL_PAGE
+        cache = cache.replace(window_table=jnp.asarray(table))
+        for start in (0, 20):
+            n = 20 if start == 0 else 4
+            tokens = np.zeros((1, 20), np.int32)
+            tokens[0, :n] = prompt[start:start + n]
+            cache, out = chunk(params, cache, jnp.asarray(tokens), jnp.array([start]),
+                               jnp.array([n]), jnp.arange(1), config=CONFIG, attention=STREAMING)
+        return np.asarray(out[0])
+
+    # The last chunk [20, 24) sees keys < 3 and > 20 - 7 = 13: columns 1-2 (keys 4..11) unseen.
+    np.testing.assert_allclose(run([1, 2]), np.asarray(logits), atol=2e-4, rtol=2e-4)
+    assert not np.allclose(run([3]), np.asarray(logits), atol=1e-3)

@@ -81,10 +81,10 @@ def test_engine_equals_the_static_batch_path(ckpt, pattern, mode):
     check_pool_empty(engine)
 
 
-@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads"])
+@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads", "lserve"])
 def test_chunk_size_does_not_change_tokens(ckpt, pattern, mode):
-    """Chunks of 8, 12 and 100 tokens split pages and logical pages; tokens equal a prefill
-    in one piece."""
+    """Chunks of 8, 12 and 100 tokens split pages, logical pages and (LServe) the streaming
+    heads' prefill window of 8 sink + 32 local tokens; tokens equal a prefill in one piece."""
     rng = np.random.default_rng(1)
     prompts = [random_prompt(rng, n) for n in (90, 33)]
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lserve_jax.engine import (NULL_PAGE, PagePool, Request, RequestStatus, Scheduler,
-                               block_hash, extra_digest)
+from lserve_jax.engine import (NULL_PAGE, PagePool, PrefillWindow, Request, RequestStatus,
+                               Scheduler, block_hash, extra_digest)
 from lserve_jax.engine.pages import ROOT_HASH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +69,44 @@ class FakeDevice:
 
     Checks what a real device relies on: rows address their own slot with the length the slot
     has, every written page is exclusively owned and not cached, and the context read back
-    through the page table is exactly prompt + outputs.
+    through the page table is exactly prompt + outputs. With a prefill window, every key a
+    prompt chunk's streaming heads see (Λ mask) is read back through the row's window table from
+    window pages the request owns.
     """
 
     def __init__(self, sched: Scheduler):
         self.sched, self.pool = sched, sched.pool
         self.kv = np.full((self.pool.num_pages, self.pool.page_size), -1, np.int64)
         self.slot_state = {}  # slot -> [request object, stored length]
+        if sched.window is not None:
+            self.wkv = np.full((sched.window.pool.num_pages, self.pool.page_size), -1, np.int64)
+
+    def _window(self, row, r):
+        """Check the window keys the row's chunk reads, then store the chunk's window keys."""
+        w, ps = self.sched.window, self.pool.page_size
+        end = row.start + len(row.token_ids)
+        if row.start >= row.num_prompt_tokens:
+            assert not row.window_pages, "a decode row has a window table"
+            return
+        if row.start > 0:
+            assert row.window_pages, "a continuing prompt chunk has no window table"
+        if not row.window_pages:
+            return
+        assert len(row.window_pages) == cdiv(end, ps)
+        if end < row.num_prompt_tokens:  # the next chunk reads these; stored before reading
+            for i, tok in enumerate(row.token_ids):
+                page = row.window_pages[(row.start + i) // ps]
+                assert page != NULL_PAGE
+                self.wkv[page, (row.start + i) % ps] = tok
+        if r is not None:
+            owned = set(r.window_pages)
+            assert all(p in owned for p in row.window_pages if p != NULL_PAGE)
+            tokens = r.all_token_ids
+            for j in range(row.start):
+                if j < w.sink_tokens or j > row.start - w.local_tokens:
+                    page = row.window_pages[j // ps]
+                    assert page != NULL_PAGE, f"window key {j} of {row.request_id} unmapped"
+                    assert self.wkv[page, j % ps] == tokens[j], f"window key {j} is stale"
 
     def _live(self, row):
         try:
@@ -102,6 +133,8 @@ class FakeDevice:
                     owner, length = self.slot_state[row.slot]
                     assert owner is r and length == row.start, "slot state does not continue"
                 self.slot_state[row.slot][1] = end
+            if self.sched.window is not None:
+                self._window(row, r)
             for i, tok in enumerate(row.token_ids):
                 pos = row.start + i
                 page = row.pages[pos // ps]
@@ -152,6 +185,16 @@ def check_state(sched: Scheduler, *, after_update=True):
     for r in sched.waiting:
         assert r.status is RequestStatus.WAITING and not r.pages and r.slot is None
         assert r.num_computed_tokens == 0 and r.num_cached_pages == 0
+    if sched.window is not None:
+        wpool = sched.window.pool
+        wpool.check_invariants()
+        held = [p for r in sched.running for p in r.window_pages]
+        assert len(held) == len(set(held)), "a window page held twice"
+        assert wpool.num_free == wpool.num_usable_pages - len(held), "window pages leaked"
+        for r in sched.running:
+            if after_update and r.num_computed_tokens >= len(r.prompt_ids):
+                assert not r.window_pages, "window pages kept after the prompt"
+        assert not any(r.window_pages for r in sched.waiting)
     live = {r.request_id for r in sched.running} | {r.request_id for r in sched.waiting}
     assert live == set(sched._live)
     assert len(live) == len(sched.running) + len(sched.waiting)
@@ -220,6 +263,8 @@ def drive(sched, arrivals, aborts=(), max_steps=3000, dev=None):
     pool.check_invariants()
     assert pool.num_free == pool.num_usable_pages, "pages leaked"
     assert all(pool.refcount(p) == 0 for p in range(pool.num_pages))
+    if sched.window is not None:
+        assert sched.window.pool.num_free == sched.window.pool.num_usable_pages
     return done, rejected, plans
 
 
@@ -649,6 +694,32 @@ def test_engine_modules_do_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@settings(max_examples=300, deadline=None)
+@given(ps=st.sampled_from([1, 2, 4, 8]), sink=st.integers(0, 20), local=st.integers(1, 40),
+       max_chunk=st.integers(1, 24), prompt=st.integers(1, 160), data=st.data())
+def test_prefill_window_table_keeps_every_visible_key(ps, sink, local, max_chunk, prompt, data):
+    """Chunks of random sizes through one request's reserved window pages: every key a chunk's
+    streaming heads see (j < sink or j > start - local) is where the table says, written by an
+    earlier chunk and not overwritten since; the reservation is as small as the ring allows."""
+    w = PrefillWindow(PagePool(400, ps), sink_tokens=sink, local_tokens=local)
+    num_sink, ring = w.shape(prompt, max_chunk)
+    reserved = list(range(1, 1 + num_sink + ring))
+    held = {}  # (page, offset) -> position stored there
+    start = 0
+    while start < prompt:
+        end = start + data.draw(st.integers(1, min(max_chunk, prompt - start)))
+        table = w.table(reserved, prompt, max_chunk, start, end)
+        assert len(table) == cdiv(end, ps)
+        if end < prompt:  # the device stores a layer's chunk before it attends
+            for j in range(start, end):
+                held[(table[j // ps], j % ps)] = j
+        for j in range(start):
+            if j < sink or j > start - local:
+                page = table[j // ps]
+                assert page != NULL_PAGE and held.get((page, j % ps)) == j, (start, end, j)
+        start = end
+
+
 # ------------------------------------------------------------------------ property tests
 BASES = [list(np.random.default_rng(i).integers(1, 30, 24)) for i in range(3)]
 
@@ -671,6 +742,10 @@ config = st.fixed_dictionaries({
     "extra_budget": st.integers(0, 10),
     "max_len": st.integers(8, 48),
     "caching": st.sampled_from([True, True, True, False]),
+    # plain; generated tokens replayed one per step (LServe); replay with a prefill window
+    # (sink, local tokens) and no prefix caching (LServe with streaming heads)
+    "mode": st.sampled_from(["plain", "plain", "replay", "window"]),
+    "window": st.tuples(st.integers(0, 6), st.integers(1, 12)),
 })
 
 
@@ -683,10 +758,18 @@ def build(cfg, specs):
     needs = [cdiv(len(prompt_of(sp)) + sp["max_tokens"] - 1, ps) for sp in specs
              if len(prompt_of(sp)) + sp["max_tokens"] <= cfg["max_len"]]
     num_pages = 1 + max(1, round(max(needs, default=1) * cfg["pool_factor"]))
+    budget = cfg["seqs"] + cfg["extra_budget"]
+    window = None
+    if cfg["mode"] == "window":
+        sink, local = cfg["window"]
+        # Room for about one request's window, so admission sometimes waits for window pages.
+        wpages = 1 + cdiv(sink, ps) + cdiv(local - 1 + budget, ps) + 1
+        window = PrefillWindow(PagePool(wpages, ps), sink_tokens=sink, local_tokens=local)
     s = Scheduler(PagePool(num_pages, ps), max_num_seqs=cfg["seqs"],
-                  max_num_batched_tokens=cfg["seqs"] + cfg["extra_budget"],
-                  max_model_len=cfg["max_len"], extra=("test", cfg["ps"]),
-                  enable_prefix_caching=cfg["caching"])
+                  max_num_batched_tokens=budget, max_model_len=cfg["max_len"],
+                  extra=("test", cfg["ps"]),
+                  enable_prefix_caching=cfg["caching"] and window is None,
+                  replay_outputs=cfg["mode"] != "plain", window=window)
     arrivals, aborts, never_fit = collections.defaultdict(list), collections.defaultdict(list), []
     for i, sp in enumerate(specs):
         prompt = prompt_of(sp)
@@ -716,6 +799,7 @@ def test_random_serving_keeps_invariants_and_outputs(cfg, specs):
     event(f"prefix hit: {hits > 0}")
     event(f"evicted: {s.pool.num_evictions > 0}")
     event(f"aborted: {any(r.status is RequestStatus.FINISHED_ABORTED for r in done.values())}")
+    event(f"mode: {cfg['mode']}")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

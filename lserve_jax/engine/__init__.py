@@ -9,13 +9,13 @@ the jitted device steps (`device`) and the `Engine` that joins them (`engine`).
 import importlib
 
 from lserve_jax.engine.pages import NULL_PAGE, PagePool, block_hash, extra_digest
-from lserve_jax.engine.scheduler import (Request, RequestStatus, ScheduledRow, Scheduler,
-                                         StepPlan)
+from lserve_jax.engine.scheduler import (PrefillWindow, Request, RequestStatus, ScheduledRow,
+                                         Scheduler, StepPlan)
 
 _LAZY = {"Engine": "lserve_jax.engine.engine", "RequestOutput": "lserve_jax.engine.engine",
          "RequestMetrics": "lserve_jax.engine.engine"}
 
-__all__ = ["NULL_PAGE", "PagePool", "Request", "RequestStatus", "ScheduledRow", "Scheduler",
+__all__ = ["NULL_PAGE", "PagePool", "PrefillWindow", "Request", "RequestStatus", "ScheduledRow", "Scheduler",
            "StepPlan", "block_hash", "extra_digest", *_LAZY]
 
 

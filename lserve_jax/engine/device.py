@@ -10,8 +10,8 @@ the layers it is scattered back to the slots (`merge_view`). So the model code
 (`models/llama.py`) runs unchanged, on slots 0..R-1 of the view, and the device never
 allocates. The cache goes in and comes out donated (the pools are updated in place).
 
-Two kinds of call: `prefill_step` (prompt chunks, or whole prompts when a layer has streaming
-heads: `whole=True`) and `decode_step` (one generated token per row). Both sample the next token
+Two kinds of call: `prefill_step` (one prompt chunk per row; `fresh=True` when every row starts
+at position 0) and `decode_step` (one generated token per row). Both sample the next token
 of every row whose `sample` is set and report rows whose logits are not finite; the host decides
 stops and finishes.
 """
@@ -43,6 +43,8 @@ class StepBatch:
     starts [R] int32      position of tokens[:, 0] (tokens already stored for the row)
     num_tokens [R] int32  real tokens of the row (0: padding)
     page_table [R, W]     the row's pages in order, NULL_PAGE-padded
+    window_table [R, W]   prefill rows with streaming heads: each column's prefill window page
+                          (a streaming-pool id), NULL_PAGE where the window keeps nothing
     admitted [R] bool     first step of the row's request in this slot (fresh selector state)
     clock [R] int32       decode rows: decode steps since the prompt ended (the selector's
                           clock, so a recomputed request reselects on the same steps)
@@ -55,6 +57,7 @@ class StepBatch:
     starts: jax.Array
     num_tokens: jax.Array
     page_table: jax.Array
+    window_table: jax.Array
     admitted: jax.Array
     clock: jax.Array
     out_index: jax.Array
@@ -74,6 +77,7 @@ def local_view(cache: KVCache, batch: StepBatch, *, clock: bool = False) -> KVCa
     selected_num_pages = jnp.where(batch.admitted, -1, cache.selected_num_pages[rows])
     return cache.replace(
         page_table=batch.page_table, seq_lens=batch.starts,
+        window_table=batch.window_table if cache.window_table.shape[1] else cache.window_table,
         num_reserved=jnp.zeros_like(batch.starts), stream_table=cache.stream_table[rows],
         selected=tuple(s[rows] for s in cache.selected),
         selected_num_pages=selected_num_pages,
@@ -85,7 +89,8 @@ def merge_view(cache: KVCache, view: KVCache, batch: StepBatch) -> KVCache:
     slots (padding rows' slot is out of range: their writes are dropped)."""
     put = lambda whole, part: whole.at[batch.slots].set(part, mode="drop")  # noqa: E731
     return view.replace(
-        page_table=cache.page_table, seq_lens=put(cache.seq_lens, view.seq_lens),
+        page_table=cache.page_table, window_table=cache.window_table,
+        seq_lens=put(cache.seq_lens, view.seq_lens),
         num_reserved=cache.num_reserved, stream_table=cache.stream_table,
         selected=tuple(put(c, v) for c, v in zip(cache.selected, view.selected)),
         selected_num_pages=put(cache.selected_num_pages, view.selected_num_pages),
@@ -98,24 +103,18 @@ def _sampled(logits: jax.Array, batch: StepBatch) -> tuple[jax.Array, jax.Array]
             ~jnp.all(jnp.isfinite(logits), axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "whole"),
+@functools.partial(jax.jit, static_argnames=("config", "attention", "fresh"),
                    donate_argnames=("cache",))
 def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                 attention: AttentionConfig, whole: bool
+                 attention: AttentionConfig, fresh: bool = False
                  ) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Prefill one chunk per row (`llama.prefill_chunk`), or with `whole` each row's whole
-    prompt from position 0 (`llama.prefill`: the streaming heads' Λ mask needs the prompt's
-    window, which a chunk cannot see yet). Returns (cache, tokens [R], bad [R]) sampled from
-    each row's last token."""
+    """Prefill one chunk per row (`llama.prefill_chunk`; `fresh`: every row starts at 0).
+    Returns (cache, tokens [R], bad [R]) sampled from each row's last token."""
     view = local_view(cache, batch)
     local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
-    if whole:
-        view, logits = llama.prefill(params, view, batch.tokens, batch.num_tokens, local,
-                                     config=config, attention=attention)
-    else:
-        view, logits = llama.prefill_chunk(params, view, batch.tokens, batch.starts,
-                                           batch.num_tokens, local, config=config,
-                                           attention=attention)
+    view, logits = llama.prefill_chunk(params, view, batch.tokens, batch.starts,
+                                       batch.num_tokens, local, config=config,
+                                       attention=attention, fresh=fresh)
     return (merge_view(cache, view, batch),) + _sampled(logits, batch)
 
 
@@ -136,7 +135,8 @@ def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llama
 class PoolSize:
     """How a memory budget is spent: `num_pages` pages (the null page included) of `page_size`
     tokens; `page_bytes` per page over all layers (dense pool and key statistics),
-    `fixed_bytes` for the per-slot streaming pool."""
+    `fixed_bytes` for the streaming pool (the slots' sink and ring pages, the prefill window)
+    and the selector's lists."""
 
     num_pages: int
     page_size: int
@@ -146,10 +146,6 @@ class PoolSize:
     @property
     def capacity_tokens(self) -> int:
         return (self.num_pages - 1) * self.page_size
-
-    @property
-    def total_bytes(self) -> int:
-        return self.num_pages * self.page_bytes + self.fixed_bytes
 
 
 def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
@@ -164,7 +160,8 @@ def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
             per_page += 2 * dense * (s // spec.logical_page_size) * d * item
         if spec.has_streaming:
             stream = spec.num_kv_heads - dense
-            fixed += 2 * stream * (1 + spec.max_seqs * spec.streaming_layout.num_pages) * s * d * item
+            pages = 1 + spec.max_seqs * spec.streaming_layout.num_pages + spec.num_window_pages
+            fixed += 2 * stream * pages * s * d * item
         if spec.budget_pages is not None:
             fixed += 4 * spec.max_seqs * dense * spec.selection_lists_per_head * spec.budget_pages
     return per_page, fixed
@@ -194,12 +191,6 @@ def device_memory_for_cache(fraction: float) -> int | None:
     return max(int(fraction * stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
 
 
-def init_pool(spec: kv_cache.KVCacheSpec) -> KVCache:
-    """An empty engine cache. Its page table, lengths and free mask are unused: the host owns
-    the pages and every step brings its own rows (`StepBatch`)."""
-    return kv_cache.init_cache(spec)
-
-
 def bucket(n: int, cap: int, minimum: int = 1) -> int:
     """The shape bucket of `n`: the next power of two at least `minimum`, at most `cap`."""
     return min(max(1 << max(n - 1, 0).bit_length(), minimum), cap)
@@ -214,16 +205,18 @@ def token_bucket(n: int, minimum: int = 16) -> int:
 
 
 def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,
-                sampling: dict) -> StepBatch:
+                sampling: dict, first_window_page: int = 1) -> StepBatch:
     """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
     (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
-    key [2] uint32)."""
+    key [2] uint32). Window page p >= 1 of the host's window pool is streaming-pool page
+    first_window_page + p - 1 (`KVCache.first_window_page`)."""
     r, t, w = num_rows, num_tokens, num_columns
     slots = np.full(r, max_seqs, np.int32)
     tokens = np.zeros((r, t), np.int32)
     starts = np.zeros(r, np.int32)
     lengths = np.zeros(r, np.int32)
     table = np.zeros((r, w), np.int32)
+    window = np.zeros((r, w), np.int32)
     admitted = np.zeros(r, bool)
     clock = np.zeros(r, np.int32)
     out_index = np.zeros(r, np.int32)
@@ -236,11 +229,14 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
         slots[i], starts[i], lengths[i] = row.slot, row.start, n
         tokens[i, :n] = row.token_ids
         table[i, :len(row.pages)] = row.pages
+        if row.window_pages:
+            ids = np.asarray(row.window_pages, np.int32)
+            window[i, :len(ids)] = np.where(ids > 0, ids + (first_window_page - 1), 0)
         admitted[i] = row.admitted
         clock[i] = max(row.start - row.num_prompt_tokens, 0)
         out_index[i] = row.num_output_tokens
         temperature[i], top_k[i], top_p[i], keys[i] = sampling[row.request_id]
     return StepBatch(slots=slots, tokens=tokens, starts=starts, num_tokens=lengths,
-                     page_table=table, admitted=admitted, clock=clock, out_index=out_index,
+                     page_table=table, window_table=window, admitted=admitted, clock=clock, out_index=out_index,
                      sampling=SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p,
                                              keys=keys))

@@ -14,8 +14,14 @@ decided here, on the host, from each call's sampled tokens.
 
 LServe mode: generated tokens are always computed by decode steps, also when a preempted request
 recomputes them (`replay_outputs`), so recompute reproduces the selection and ring reads of the
-uninterrupted run. With streaming heads, prompts are prefilled whole (their Λ window spans the
-prompt) and the prefix cache is off (a hit would have to restore the per-slot sink and ring).
+uninterrupted run. With streaming heads, a prompt prefilled in several chunks keeps its
+streaming heads' sink and last `ctx_local_tokens` keys in prefill window pages until its prefill
+ends (`scheduler.PrefillWindow`), and the prefix cache is off (a hit would have to restore the
+streaming heads' window, sink and ring, which are per sequence).
+
+Prefill calls whose rows all start at position 0 run as `fresh` chunks: attention within the
+chunk, as a whole prompt (the sparse prefill kernel on a GPU; on the CPU its blockwise reference,
+several times faster than gathering pages), equal to the chunk path (tests/test_chunked_prefill.py).
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ import numpy as np
 from lserve_jax import head_pattern, inputs
 from lserve_jax.engine import device
 from lserve_jax.engine.pages import PagePool
-from lserve_jax.engine.scheduler import Request, Scheduler
+from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import llama
+from models import kv_cache, llama
 from models.attention import AttentionConfig
 
 log = logging.getLogger("lserve_jax")
@@ -178,14 +184,23 @@ class Engine:
         self.streaming = self.attention.has_streaming
         page_size = self.sparsity.page_size
         self.max_pages_per_seq = -(-self.max_model_len // page_size)
-        spec = self._spec(self.attention, num_pages=2)
+        window = None
+        if self.streaming:
+            # Room for two long prompts' prefill windows at once (window pages are held only
+            # while a prompt is prefilled in several chunks).
+            probe = PrefillWindow(PagePool(2, page_size), sink_tokens=self.sparsity.ctx_sink_tokens,
+                                  local_tokens=self.sparsity.ctx_local_tokens)
+            worst = sum(probe.shape(self.max_model_len, max_num_batched_tokens))
+            window = dataclasses.replace(probe, pool=PagePool(1 + 2 * worst, page_size))
+        spec = self._spec(self.attention, num_pages=2,
+                          num_window_pages=window.pool.num_pages - 1 if window else 0)
         if num_pages is None:
             budget = self._memory_budget(kv_cache_memory_gb, spec)
             size = device.size_pool(spec, budget)
             num_pages = min(size.num_pages, max_num_seqs * self.max_pages_per_seq + 1)
         self.spec = dataclasses.replace(spec, num_pages=num_pages)
         self._log_capacity()
-        self.cache = device.init_pool(self.spec)
+        self.cache = kv_cache.init_cache(self.spec)
         self.pool = PagePool(num_pages, page_size)
         self.enable_prefix_caching = bool(enable_prefix_caching) and not self.streaming
         if enable_prefix_caching and self.streaming:
@@ -195,8 +210,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len, extra=(attention, repr(self.attention), dtype),
-            enable_prefix_caching=self.enable_prefix_caching,
-            chunked_prefill=not self.streaming, replay_outputs=lserve)
+            enable_prefix_caching=self.enable_prefix_caching, replay_outputs=lserve,
+            window=window)
         self._live: dict[Hashable, _Live] = {}
         self._executables: dict = {}
         self._seed_rng = np.random.default_rng()
@@ -233,11 +248,12 @@ class Engine:
         return AttentionConfig(mode="lserve", impl=self.impl, streaming_heads=streaming,
                                sparsity=s)
 
-    def _spec(self, attention: AttentionConfig, num_pages: int):
-        return llama.cache_spec(self.config, attention, num_pages=num_pages,
+    def _spec(self, attention: AttentionConfig, num_pages: int, num_window_pages: int = 0):
+        spec = llama.cache_spec(self.config, attention, num_pages=num_pages,
                                 max_seqs=self.max_num_seqs,
                                 max_pages_per_seq=self.max_pages_per_seq,
                                 dtype=jnp.dtype(self.params["embed"].dtype).name)
+        return dataclasses.replace(spec, num_window_pages=num_window_pages)
 
     def _memory_budget(self, gb: float | None, spec) -> int:
         if gb is not None:
@@ -432,9 +448,7 @@ class Engine:
     def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[int, bool]]:
         """One device call for `rows` (all decode rows, or all prefill rows); returns each
         row's (sampled token, logits not finite)."""
-        whole = not decode and self.streaming
-        if whole and any(r.start for r in rows):
-            raise AssertionError("a whole-prompt prefill row must start at position 0")
+        fresh = not decode and not any(r.start for r in rows)
         width = max(len(r.pages) for r in rows)
         # Few shapes, so few compiles: decode rows in buckets of at least MIN_DECODE_ROWS (a
         # decode step reads every weight whatever its rows), page-table widths of at least
@@ -445,9 +459,10 @@ class Engine:
         batch = device.build_batch(rows, max_seqs=self.max_num_seqs, num_rows=shape[0],
                                    num_tokens=shape[1], num_columns=shape[2],
                                    sampling={r.request_id: self._live[r.request_id].sampling
-                                             for r in rows})
+                                             for r in rows},
+                                   first_window_page=self.cache.first_window_page)
         fn = device.decode_step if decode else device.prefill_step
-        static = {} if decode else dict(whole=whole)
+        static = {} if decode else dict(fresh=fresh)
         exe = self._compiled(fn, batch, static)
         self.cache, tokens, bad = exe(self.params, self.cache, batch)
         tokens, bad = jax.device_get((tokens, bad))

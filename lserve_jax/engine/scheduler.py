@@ -50,6 +50,20 @@ per-slot pages outside the page table (models/streaming_pool.py), which a prefix
 restore; with streaming heads, construct the scheduler with enable_prefix_caching=False (dense
 pages, including their key statistics, are fully described by the shared pages).
 
+Prefill window (`PrefillWindow`, LServe's streaming heads). A streaming head's prefill query at
+position i sees keys j < sink_tokens and i - local_tokens < j <= i (the Λ mask), but its decode
+pool keeps only a short sink and ring. While a prompt is prefilled in several chunks, its
+streaming heads also keep the keys a later chunk will see in pages of a second pool, the window
+pool: at admission a request whose prompt does not finish in that step reserves a fixed set of
+window pages, `sink_pages` for the columns holding tokens < sink_tokens and a ring of
+ceil((local - 1 + max chunk) / page_size) pages for the rest, which column c >= sink_pages uses
+as ring[(c - sink_pages) % len(ring)]. A chunk [start, end) stores [start, end) (unless it ends
+the prompt) and reads keys in [0, sink) and [start - local + 1, start); two positions of that
+range are fewer than len(ring) * page_size apart, so none of them shares a slot with another,
+nor with a position a later chunk stores before this one's keys are last read. The pages go back
+when the prompt is done (or the request is released). `ScheduledRow.window_pages` is the row's
+column -> window page table.
+
 Slots. A running request holds a slot, a row index in [0, max_num_seqs) of the device page
 table, assigned at admission (lowest free slot) and freed at finish, abort or preemption; the
 device addresses sequences by slot. A row with `admitted=True` is its request's first step in
@@ -119,6 +133,7 @@ class Request:
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     num_cached_pages: int = 0  # leading pages already handed to cache_full_pages
+    window_pages: list[int] = dataclasses.field(default_factory=list)  # prefill window pool
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # memo of page hashes
     _admitted_once: bool = dataclasses.field(default=False, init=False, repr=False)
 
@@ -164,7 +179,9 @@ class ScheduledRow:
     token is sampled; pages: the slot's whole page list (page-table row, NULL_PAGE-padded by the
     device), covering start + len(token_ids) tokens; admitted: first step in this slot (reset
     the slot's per-sequence state); num_output_tokens: tokens generated so far, the index of the
-    token this row samples (key sampling randomness by it).
+    token this row samples (key sampling randomness by it). window_pages: with a prefill window,
+    the window-pool page of each page-table column the row's streaming heads read or write
+    (NULL_PAGE elsewhere; empty when the request holds no window pages).
     """
 
     request_id: Hashable
@@ -176,6 +193,7 @@ class ScheduledRow:
     admitted: bool
     num_output_tokens: int
     num_prompt_tokens: int
+    window_pages: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -221,12 +239,61 @@ class StepPlan:
         return table
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillWindow:
+    """The streaming heads' prefill window (see the module docstring): its page pool (of the
+    same page size as the main pool) and the Λ mask's `sink_tokens` and `local_tokens`."""
+
+    pool: PagePool
+    sink_tokens: int
+    local_tokens: int
+
+    def __post_init__(self):
+        for name in ("sink_tokens", "local_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"PrefillWindow.{name}={v!r} must be an int >= 0")
+        if self.local_tokens < 1:
+            raise ValueError(f"PrefillWindow.local_tokens={self.local_tokens} must be >= 1")
+
+    def shape(self, num_prompt_tokens: int, max_chunk: int) -> tuple[int, int]:
+        """(sink pages, ring pages) a prompt of `num_prompt_tokens` reserves when its chunks
+        are at most `max_chunk` tokens long."""
+        pages = self.pool.pages_for(num_prompt_tokens)
+        sink = min(self.pool.pages_for(self.sink_tokens), pages)
+        ring = self.pool.pages_for(self.local_tokens - 1 + max_chunk)
+        return sink, min(ring, pages - sink)
+
+    def table(self, reserved: Sequence[int], num_prompt_tokens: int, max_chunk: int,
+              start: int, end: int) -> tuple[int, ...]:
+        """The column -> page table of a chunk [start, end) over the request's `reserved`
+        pages: columns with tokens in [0, sink) or [start - local + 1, hi), hi = start for the
+        chunk that ends the prompt and end otherwise; NULL_PAGE elsewhere."""
+        ps = self.pool.page_size
+        sink, ring = self.shape(num_prompt_tokens, max_chunk)
+        hi = start if end >= num_prompt_tokens else end
+        lo = max(0, start - self.local_tokens + 1)
+        out = []
+        for c in range(self.pool.pages_for(end)):
+            first = c * ps
+            if first >= hi:
+                out.append(NULL_PAGE)
+            elif c < sink:
+                out.append(reserved[c])
+            elif first + ps > lo:
+                out.append(reserved[sink + (c - sink) % ring])
+            else:
+                out.append(NULL_PAGE)
+        return tuple(out)
+
+
 class Scheduler:
-    """FCFS continuous-batching scheduler over a PagePool (see the module docstring)."""
+    """FCFS continuous-batching scheduler over a PagePool (see the module docstring), with a
+    `PrefillWindow` when the model has streaming heads."""
 
     def __init__(self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, extra=None, enable_prefix_caching: bool = True,
-                 chunked_prefill: bool = True, replay_outputs: bool = False):
+                 replay_outputs: bool = False, window: PrefillWindow | None = None):
         for name, v in (("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
@@ -242,7 +309,15 @@ class Scheduler:
         self._extra = extra
         self._extra_key = extra_digest(extra)
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self.chunked_prefill = bool(chunked_prefill)
+        if window is not None and window.pool.page_size != pool.page_size:
+            raise ValueError(f"the window pool's page_size={window.pool.page_size} != the "
+                             f"pool's {pool.page_size}")
+        if window is not None and (enable_prefix_caching or not replay_outputs):
+            # A prefix hit would skip the streaming heads' keys of the matched tokens, and a
+            # recompute that prefills generated tokens would run past the window's prompt.
+            raise ValueError("a prefill window needs replay_outputs=True and "
+                             "enable_prefix_caching=False")
+        self.window = window
         self.replay_outputs = bool(replay_outputs)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # sorted by arrival
@@ -313,19 +388,37 @@ class Scheduler:
             raise ValueError(f"request {rid!r}: up to {total - 1} stored tokens need {need} "
                              f"pages of {self.pool.page_size}; the pool has only "
                              f"{self.pool.num_usable_pages}, so it could never run")
+        if self.window is not None:
+            need = sum(self._window_shape(request))
+            if need > self.window.pool.num_usable_pages:
+                raise ValueError(f"request {rid!r}: its prefill window needs {need} window "
+                                 f"pages; the window pool has only "
+                                 f"{self.window.pool.num_usable_pages}, so it could never run")
         request.arrival = self._arrivals
         self._arrivals += 1
         self.waiting.append(request)
         self._live[rid] = request
 
     # ------------------------------------------------------------------------ planning
+    def _window_shape(self, req: Request) -> tuple[int, int]:
+        return self.window.shape(len(req.prompt_ids), self.max_num_batched_tokens)
+
     def _row(self, req: Request, num_new: int, admitted: bool) -> ScheduledRow:
         start = req.num_computed_tokens
+        window = ()
+        if req.window_pages:
+            window = self.window.table(req.window_pages, len(req.prompt_ids),
+                                       self.max_num_batched_tokens, start, start + num_new)
         return ScheduledRow(request_id=req.request_id, slot=req.slot, start=start,
                             token_ids=tuple(req.token_slice(start, start + num_new)),
                             sample=start + num_new == req.num_tokens, pages=tuple(req.pages),
                             admitted=admitted, num_output_tokens=len(req.output_ids),
-                            num_prompt_tokens=len(req.prompt_ids))
+                            num_prompt_tokens=len(req.prompt_ids), window_pages=window)
+
+    def _free_window(self, req: Request) -> None:
+        if req.window_pages:
+            self.window.pool.free(req.window_pages)
+            req.window_pages = []
 
     def _tokens_left(self, req: Request, computed: int) -> int:
         """Tokens the request's next row computes at most (before the step's budget): the rest
@@ -344,6 +437,7 @@ class Scheduler:
         """Give back a running request's pages and slot."""
         self.pool.free(req.pages)
         req.pages = []
+        self._free_window(req)
         heapq.heappush(self._free_slots, req.slot)
         req.slot = None
         self.running.remove(req)
@@ -392,20 +486,23 @@ class Scheduler:
                 self._extend_hashes(req, limit)
                 matched = pool.lookup(req.block_hashes[:limit])
             computed = len(matched) * ps
-            num_new = self._tokens_left(req, computed)
-            if self.chunked_prefill:
-                num_new = min(num_new, budget)
-            elif num_new > budget and any(not r.is_decode for r in rows):
-                break  # a whole prompt waits for a step with room, or with no other prefill
+            num_new = min(self._tokens_left(req, computed), budget)
             need = pool.pages_for(computed + num_new) - len(matched)
             if need > pool.num_free - sum(pool.refcount(p) == 0 for p in matched):
                 break  # FCFS: nobody overtakes the oldest waiting request
+            window_need = 0
+            if self.window is not None and computed + num_new < len(req.prompt_ids):
+                window_need = sum(self._window_shape(req))
+                if window_need > self.window.pool.num_free:
+                    break
             if self.enable_prefix_caching:
                 again = pool.match_prefix(req.token_slice(0, ntok), self.extra,
                                           hashes=req.block_hashes, max_pages=limit)
                 assert again == matched
             self.waiting.popleft()
             req.pages = matched + pool.allocate(need)
+            if window_need:
+                req.window_pages = self.window.pool.allocate(window_need)
             req.num_computed_tokens = computed
             req.num_cached_pages = len(matched)
             req.slot = heapq.heappop(self._free_slots)
@@ -473,6 +570,8 @@ class Scheduler:
             req.num_computed_tokens += len(r.token_ids)
             if r.request_id in sampled:
                 req.output_ids.append(int(sampled[r.request_id]))
+            if req.num_computed_tokens >= len(req.prompt_ids):
+                self._free_window(req)
             if self.enable_prefix_caching:
                 n = self._cacheable_tokens(req) // self.pool.page_size
                 if n > req.num_cached_pages:
