@@ -36,7 +36,10 @@ class DecodeState:
     stop_ids     [B, M] int32 ids that end a row (EOS and user stops), -1 padded
     done         [B] bool
     error_at     [B] int32   index of the generated token whose logits were not finite, -1: none
-    sampling     per-row sampling settings (keys drawn by each row's num_generated)
+    sampling     per-row sampling settings (keys drawn by each row's output index)
+    index_offset [B] int32   output index of out_tokens[:, 0] (tokens the row generated before
+                             this state; 0 from `start`), so a row's output number n is keyed
+                             by n wherever the loop starts
     """
 
     cache: KVCache
@@ -49,6 +52,7 @@ class DecodeState:
     done: jax.Array
     error_at: jax.Array
     sampling: SamplingArrays
+    index_offset: jax.Array
 
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -77,7 +81,8 @@ def start(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array, 
         cache=cache, slots=slots, last_token=first, out_tokens=out,
         num_generated=jnp.where(bad, 0, 1).astype(jnp.int32), max_tokens=max_tokens,
         stop_ids=stop_ids, done=bad | _is_stop(first, stop_ids) | (max_tokens <= 1),
-        error_at=jnp.where(bad, 0, -1).astype(jnp.int32), sampling=sampling)
+        error_at=jnp.where(bad, 0, -1).astype(jnp.int32), sampling=sampling,
+        index_offset=jnp.zeros((b,), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
@@ -96,7 +101,7 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         active = ~s.done
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
                                      config=config, attention=attention)
-        token = sample(logits, s.sampling, s.num_generated)
+        token = sample(logits, s.sampling, s.index_offset + s.num_generated)
         bad = active & _not_finite(logits)
         emit = active & ~bad
         token = jnp.where(emit, token, s.last_token)

@@ -19,6 +19,10 @@ from lserve_jax.sparsity import SparsityConfig
 from models.sparsity import PAGE_SELECTIONS
 
 
+ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
+                "num_scheduler_steps")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lserve_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         choices = PAGE_SELECTIONS if name == "page_selection" else None
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
                        help=f"LServe knob (default {default})")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="requests running at once (default 64)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step, the prefill chunk length (default 2048)")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="tokens per request (default: the model's context)")
+    engine.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                        help="KV cache size (default: 90%% of GPU memory; 1 GiB on CPU)")
+    engine.add_argument("--num-scheduler-steps", type=int, default=None,
+                        help="decode steps per device call while no request waits (default 8)")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's checksum before loading (sizes are "
                    "always checked)")
@@ -71,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("lserve_jax").setLevel(logging.INFO)
-    knobs = {name: getattr(args, name) for name in SparsityConfig.field_names()
+    knobs = {name: getattr(args, name) for name in SparsityConfig.field_names() + ENGINE_KNOBS
              if getattr(args, name) is not None}
     try:
         sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -99,6 +99,36 @@ def test_chunk_size_does_not_change_tokens(ckpt, pattern, mode):
     assert outs[8] == outs[12] == outs[100] == outs[256]
 
 
+@pytest.mark.parametrize("mode", ["dense", "lserve"])
+def test_several_decode_steps_per_call_give_the_tokens_of_one(ckpt, pattern, mode):
+    """num_scheduler_steps=5 (rows stop inside a call: at max_tokens, at a stop token) gives the
+    tokens of one step per call, greedy and sampled, in fewer device calls."""
+    import dataclasses
+    rng = np.random.default_rng(11)
+    prompts = [random_prompt(rng, n) for n in (9, 50, 23)]
+    sps = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
+           SamplingParams(max_tokens=11, temperature=0.8, top_k=20, seed=4, ignore_eos=True),
+           SamplingParams(max_tokens=13, temperature=0, ignore_eos=True)]
+
+    def run(steps, sps):
+        engine = make_engine(ckpt, pattern, mode, num_scheduler_steps=steps)
+        ids = [engine.add_request(None, p, sp) for p, sp in zip(prompts, sps)]
+        final = engine.run_until_done(ids)
+        return [final[i] for i in ids], engine
+
+    ref, one = run(1, sps)
+    tokens = [o.token_ids for o in ref]
+    stop = tokens[2][7]  # stops request 2 at the first place this token appears
+    sps[2] = dataclasses.replace(sps[2], stop_token_ids=(stop,))
+    tokens[2] = tokens[2][:tokens[2].index(stop) + 1]
+    got, five = run(5, sps)
+    assert [o.token_ids for o in got] == tokens
+    assert got[2].finish_reason == "stop" and got[0].finish_reason == "length"
+    assert sum(o.metrics.num_generated_tokens for o in got) == sum(map(len, tokens))
+    assert five.counters["decode_calls"] < one.counters["decode_calls"] / 2
+    check_pool_empty(five)
+
+
 def _workload(seed, n):
     rng = np.random.default_rng(seed)
     reqs = []

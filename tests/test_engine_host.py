@@ -151,10 +151,25 @@ class FakeDevice:
             ctx = [int(self.kv[row.pages[p // ps], p % ps]) for p in range(end)]
             if r is not None:
                 assert ctx == r.all_token_ids, f"request {row.request_id} reads a wrong context"
-            tok = fake_token(row.request_id, ctx)
-            sampled[row.request_id] = tok
-            if tok == STOP:
-                finished[row.request_id] = "stop"
+            toks = []
+            while True:  # a row of several decode steps feeds its own samples back
+                toks.append(fake_token(row.request_id, ctx))
+                if toks[-1] == STOP:
+                    finished[row.request_id] = "stop"
+                    break
+                if len(toks) == row.num_steps:
+                    break
+                pos = len(ctx)
+                assert pos < len(row.pages) * ps, "decode steps beyond the row's pages"
+                page = row.pages[pos // ps]
+                if r is not None:
+                    assert self.pool.refcount(page) == 1 and self.pool.page_hash(page) is None
+                self.kv[page, pos % ps] = toks[-1]
+                ctx.append(toks[-1])
+            assert row.num_steps == 1 or (row.is_decode and row.sample)
+            if r is not None:
+                self.slot_state[row.slot][1] = len(ctx)
+            sampled[row.request_id] = toks if row.num_steps > 1 else toks[0]
         return sampled, finished
 
 
@@ -223,7 +238,7 @@ def check_plan(sched: Scheduler, plan):
             list(reversed(plan.preempted)), "victims not at the front of the waiting queue"
 
 
-def drive(sched, arrivals, aborts=(), max_steps=3000, dev=None):
+def drive(sched, arrivals, aborts=(), max_steps=3000, dev=None, decode_steps=1):
     """Run until everything finished. arrivals: {step: [Request]}; aborts: {(step, when): [id]}
     with when "before" (before schedule) or "mid" (between schedule and update). Returns
     (finished requests by id, rejected ids, plans). `dev` keeps the cache contents of an
@@ -243,7 +258,7 @@ def drive(sched, arrivals, aborts=(), max_steps=3000, dev=None):
                 done[rid] = sched.abort(rid)
         check_state(sched)
         had_work = sched.has_unfinished()
-        plan = sched.schedule()
+        plan = sched.schedule(decode_steps)
         plans.append(plan)
         check_plan(sched, plan)
         check_state(sched, after_update=False)
@@ -480,6 +495,28 @@ def test_chunked_prefill_then_decode():
     n = len(reference_output("a", range(1, 11), 3))
     assert got[:3] == [(0, 4, False, True), (4, 4, False, False), (8, 2, True, False)]
     assert got[3:] == [(10 + i, 1, True, False) for i in range(n - 1)]
+
+
+def test_several_decode_steps_per_call_only_when_nobody_waits():
+    s = make(budget=64, seqs=2)
+    s.add(req("a", range(1, 6), max_tokens=8))
+    dev = FakeDevice(s)
+    plan = s.schedule(4)
+    assert [r.num_steps for r in plan.rows] == [1]  # a prefill row
+    s.update(plan, *dev.step(plan))
+    plan = s.schedule(4)
+    (row,) = plan.rows
+    assert row.is_decode and row.num_steps == 4 and len(row.pages) * 4 >= row.start + 4
+    sampled, finished = dev.step(plan)
+    with pytest.raises(ValueError, match="without finishing"):
+        s.update(plan, {"a": sampled["a"][:1]}, {})
+    s.update(plan, sampled, finished)
+    s.add(req("b", range(1, 4), max_tokens=2))
+    plan = s.schedule(4)  # "b" is admitted: one step for everyone
+    assert all(r.num_steps == 1 for r in plan.rows)
+    s.update(plan, *dev.step(plan))
+    with pytest.raises(ValueError, match="decode_steps"):
+        s.schedule(0)
 
 
 def test_decode_rows_and_prefill_chunks_share_the_budget():
@@ -746,6 +783,7 @@ config = st.fixed_dictionaries({
     # (sink, local tokens) and no prefix caching (LServe with streaming heads)
     "mode": st.sampled_from(["plain", "plain", "replay", "window"]),
     "window": st.tuples(st.integers(0, 6), st.integers(1, 12)),
+    "decode_steps": st.sampled_from([1, 1, 3]),
 })
 
 
@@ -787,7 +825,7 @@ def build(cfg, specs):
 @given(cfg=config, specs=st.lists(request_spec, min_size=1, max_size=10))
 def test_random_serving_keeps_invariants_and_outputs(cfg, specs):
     s, arrivals, aborts, never_fit = build(cfg, specs)
-    done, rejected, plans = drive(s, arrivals, aborts)
+    done, rejected, plans = drive(s, arrivals, aborts, decode_steps=cfg["decode_steps"])
     assert sorted(rejected) == never_fit
     assert set(done) | set(rejected) == set(range(len(specs)))
     check_outputs(done)
@@ -800,6 +838,7 @@ def test_random_serving_keeps_invariants_and_outputs(cfg, specs):
     event(f"evicted: {s.pool.num_evictions > 0}")
     event(f"aborted: {any(r.status is RequestStatus.FINISHED_ABORTED for r in done.values())}")
     event(f"mode: {cfg['mode']}")
+    event(f"multi-step rows: {any(r.num_steps > 1 for p in plans for r in p.rows)}")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

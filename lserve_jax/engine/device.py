@@ -11,9 +11,9 @@ the layers it is scattered back to the slots (`merge_view`). So the model code
 allocates. The cache goes in and comes out donated (the pools are updated in place).
 
 Two kinds of call: `prefill_step` (one prompt chunk per row; `fresh=True` when every row starts
-at position 0) and `decode_step` (one generated token per row). Both sample the next token
-of every row whose `sample` is set and report rows whose logits are not finite; the host decides
-stops and finishes.
+at position 0) and `decode_step` (up to `num_steps` generated tokens per row, in one
+`decode_loop.run`). Both sample the next token of every row and report rows whose logits are
+not finite; the host decides finishes (a decode row also stops early at its stop ids).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lserve_jax import decode_loop
 from lserve_jax.sampling import SamplingArrays, sample
 from models import kv_cache, llama
 from models.attention import AttentionConfig
@@ -49,6 +50,8 @@ class StepBatch:
     clock [R] int32       decode rows: decode steps since the prompt ended (the selector's
                           clock, so a recomputed request reselects on the same steps)
     out_index [R] int32   index of the output token the row samples (keys its randomness)
+    steps [R] int32       decode rows: decode steps the row may run in this call (0: padding)
+    stop_ids [R, M] int32 decode rows: ids that end the row within the call, -1 padded
     sampling              per-row temperature, top-k, top-p and PRNG key
     """
 
@@ -61,6 +64,8 @@ class StepBatch:
     admitted: jax.Array
     clock: jax.Array
     out_index: jax.Array
+    steps: jax.Array
+    stop_ids: jax.Array
     sampling: SamplingArrays
 
     @property
@@ -118,16 +123,29 @@ def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llam
     return (merge_view(cache, view, batch),) + _sampled(logits, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
+                   donate_argnames=("cache",))
 def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                attention: AttentionConfig) -> tuple[KVCache, jax.Array, jax.Array]:
-    """One decode step per row (`llama.decode`: page selection, sink + ring for streaming
-    heads); tokens [R, 1]. Returns (cache, tokens [R], bad [R])."""
+                attention: AttentionConfig, num_steps: int = 1
+                ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+    """Decode steps (`llama.decode`: page selection, sink + ring for streaming heads) inside
+    one `decode_loop.run`: each row from its token tokens[:, 0] for `steps` steps at most,
+    stopping early at one of its `stop_ids` or at non-finite logits; sampling keyed by each
+    row's output index. Returns (cache, tokens [R, num_steps] (-1 past each row's count),
+    counts [R], error_at [R]: the index within the call of the token whose logits were not
+    finite, -1 for none)."""
     view = local_view(cache, batch, clock=True)
-    local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
-    view, logits = llama.decode(params, view, batch.tokens[:, 0], local, batch.num_tokens > 0,
-                                config=config, attention=attention)
-    return (merge_view(cache, view, batch),) + _sampled(logits, batch)
+    r = batch.slots.shape[0]
+    state = decode_loop.DecodeState(
+        cache=view, slots=jnp.arange(r, dtype=jnp.int32), last_token=batch.tokens[:, 0],
+        out_tokens=jnp.full((r, num_steps), -1, jnp.int32),
+        num_generated=jnp.zeros((r,), jnp.int32), max_tokens=batch.steps,
+        stop_ids=batch.stop_ids, done=batch.steps <= 0, error_at=jnp.full((r,), -1, jnp.int32),
+        sampling=batch.sampling, index_offset=batch.out_index)
+    state = decode_loop.run(params, state, config=config, attention=attention,
+                            num_steps=num_steps)
+    return (merge_view(cache, state.cache, batch), state.out_tokens, state.num_generated,
+            state.error_at)
 
 
 # ---------------------------------------------------------------------------- memory budget
@@ -205,10 +223,12 @@ def token_bucket(n: int, minimum: int = 16) -> int:
 
 
 def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,
-                sampling: dict, first_window_page: int = 1) -> StepBatch:
+                sampling: dict, stop_ids: dict | None = None,
+                first_window_page: int = 1) -> StepBatch:
     """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
     (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
-    key [2] uint32). Window page p >= 1 of the host's window pool is streaming-pool page
+    key [2] uint32); stop_ids: request id -> its stop token ids (padded to a power of two, at
+    least 4, with -1). Window page p >= 1 of the host's window pool is streaming-pool page
     first_window_page + p - 1 (`KVCache.first_window_page`)."""
     r, t, w = num_rows, num_tokens, num_columns
     slots = np.full(r, max_seqs, np.int32)
@@ -220,6 +240,11 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
     admitted = np.zeros(r, bool)
     clock = np.zeros(r, np.int32)
     out_index = np.zeros(r, np.int32)
+    steps = np.zeros(r, np.int32)
+    stop_ids = stop_ids or {}
+    width = bucket(max((len(stop_ids.get(row.request_id, ())) for row in rows), default=0),
+                   1 << 30, 4)
+    stops = np.full((r, width), -1, np.int32)
     temperature = np.zeros(r, np.float32)
     top_k = np.zeros(r, np.int32)
     top_p = np.ones(r, np.float32)
@@ -235,8 +260,12 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
         admitted[i] = row.admitted
         clock[i] = max(row.start - row.num_prompt_tokens, 0)
         out_index[i] = row.num_output_tokens
+        steps[i] = row.num_steps
+        ids = sorted(stop_ids.get(row.request_id, ()))
+        stops[i, :len(ids)] = ids
         temperature[i], top_k[i], top_p[i], keys[i] = sampling[row.request_id]
     return StepBatch(slots=slots, tokens=tokens, starts=starts, num_tokens=lengths,
-                     page_table=table, window_table=window, admitted=admitted, clock=clock, out_index=out_index,
+                     page_table=table, window_table=window, admitted=admitted, clock=clock,
+                     out_index=out_index, steps=steps, stop_ids=stops,
                      sampling=SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p,
                                              keys=keys))

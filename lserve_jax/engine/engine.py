@@ -53,6 +53,7 @@ CPU_KV_CACHE_GB = 1.0  # default pool on the CPU (no device memory to measure)
 GPU_MEMORY_FRACTION = 0.9  # weights plus KV cache, of the device's memory
 MIN_DECODE_ROWS = 4
 MIN_PAGE_COLUMNS = 8
+DEFAULT_SCHEDULER_STEPS = 8  # decode steps per call while nobody waits
 
 
 def default_impl() -> str:
@@ -139,6 +140,8 @@ class Engine:
     on a GPU 90% of its memory minus the weights, on the CPU 1 GiB, never more than
     `max_num_seqs` full-length requests need). `enable_prefix_caching` shares full pages of
     identical prompt prefixes (off for layers with streaming heads, see the module docstring).
+    `num_scheduler_steps`: decode steps per device call while no request waits (the host reads
+    tokens back once per call; a request arriving meanwhile waits for the call to end).
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -146,6 +149,7 @@ class Engine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, kv_cache_memory_gb: float | None = None,
                  num_pages: int | None = None, enable_prefix_caching: bool = True,
+                 num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
                  **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
@@ -181,6 +185,8 @@ class Engine:
             "max_model_len", max_model_len, minimum=2, maximum=context)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_scheduler_steps = inputs.check_int("num_scheduler_steps", num_scheduler_steps,
+                                                    minimum=1)
         self.streaming = self.attention.has_streaming
         page_size = self.sparsity.page_size
         self.max_pages_per_seq = -(-self.max_model_len // page_size)
@@ -369,7 +375,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return every request that progressed (new tokens, or a
         finish), in plan order."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.num_scheduler_steps)
         now = time.perf_counter()
         for rid in plan.preempted:
             self._live[rid].metrics.num_preemptions += 1
@@ -377,7 +383,7 @@ class Engine:
             metrics = self._live[row.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        results: dict[Hashable, tuple[int, bool]] = {}
+        results: dict[Hashable, tuple[list[int], bool]] = {}
         decode = [r for r in plan.rows if r.is_decode]
         prefill = [r for r in plan.rows if not r.is_decode]
         if prefill:
@@ -388,20 +394,23 @@ class Engine:
         for row in plan.rows:
             if not row.sample:
                 continue
-            token, bad = results[row.request_id]
+            tokens, bad = results[row.request_id]
             live = self._live[row.request_id]
+            stop = next((i for i, t in enumerate(tokens) if t in live.stop_ids), None)
+            if stop is not None:
+                tokens, bad = tokens[:stop + 1], False
+                finished[row.request_id] = "stop"
+            if tokens:
+                sampled[row.request_id] = tokens
             if bad:
+                n = row.num_output_tokens + len(tokens)
                 finished[row.request_id] = "error"
                 errors[row.request_id] = (
                     f"{live.label}: non-finite logits (NaN or inf) for generated "
-                    f"token {row.num_output_tokens}; generation stopped after "
-                    f"{row.num_output_tokens} tokens. The checkpoint may be damaged (check it "
-                    "with --verify) or the computation overflowed (try float32)")
+                    f"token {n}; generation stopped after {n} tokens. The checkpoint may be "
+                    "damaged (check it with --verify) or the computation overflowed (try "
+                    "float32)")
                 log.error(errors[row.request_id])
-                continue
-            sampled[row.request_id] = token
-            if token in live.stop_ids:
-                finished[row.request_id] = "stop"
         done = {r.request_id for r in self.scheduler.update(plan, sampled, finished)}
         self.counters["steps"] += 1
         now = time.perf_counter()
@@ -410,9 +419,9 @@ class Engine:
             live = self._live.get(row.request_id)
             if live is None:
                 continue
-            new = [sampled[row.request_id]] if row.request_id in sampled else []
+            new = sampled.get(row.request_id, [])
             if new:
-                live.metrics.num_generated_tokens += 1
+                live.metrics.num_generated_tokens += len(new)
                 if live.metrics.first_token_time is None:
                     live.metrics.first_token_time = now
                     live.metrics.num_prefix_hit_tokens = live.request.num_prefix_hit_tokens
@@ -445,9 +454,9 @@ class Engine:
             error=live.error, request_id=request.request_id, new_token_ids=list(new),
             new_text=new_text, finished=finished, metrics=live.metrics)
 
-    def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[int, bool]]:
+    def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[list[int], bool]]:
         """One device call for `rows` (all decode rows, or all prefill rows); returns each
-        row's (sampled token, logits not finite)."""
+        row's (sampled tokens, logits not finite after them)."""
         fresh = not decode and not any(r.start for r in rows)
         width = max(len(r.pages) for r in rows)
         # Few shapes, so few compiles: decode rows in buckets of at least MIN_DECODE_ROWS (a
@@ -460,20 +469,28 @@ class Engine:
                                    num_tokens=shape[1], num_columns=shape[2],
                                    sampling={r.request_id: self._live[r.request_id].sampling
                                              for r in rows},
+                                   stop_ids={r.request_id: self._live[r.request_id].stop_ids
+                                             for r in rows},
                                    first_window_page=self.cache.first_window_page)
-        fn = device.decode_step if decode else device.prefill_step
-        static = {} if decode else dict(fresh=fresh)
-        exe = self._compiled(fn, batch, static)
-        self.cache, tokens, bad = exe(self.params, self.cache, batch)
-        tokens, bad = jax.device_get((tokens, bad))
-        key = "decode" if decode else "prefill"
-        self.counters[key + "_calls"] += 1
-        self.counters[key + "_tokens"] += sum(len(r.token_ids) for r in rows)
-        return {r.request_id: (int(tokens[i]), bool(bad[i])) for i, r in enumerate(rows)}
+        if not decode:
+            exe = self._compiled(device.prefill_step, batch, dict(fresh=fresh))
+            self.cache, tokens, bad = exe(self.params, self.cache, batch)
+            tokens, bad = jax.device_get((tokens, bad))
+            self.counters["prefill_calls"] += 1
+            self.counters["prefill_tokens"] += sum(len(r.token_ids) for r in rows)
+            return {r.request_id: ([int(tokens[i])], bool(bad[i])) for i, r in enumerate(rows)}
+        exe = self._compiled(device.decode_step, batch, dict(num_steps=self.num_scheduler_steps))
+        self.cache, tokens, counts, error_at = exe(self.params, self.cache, batch)
+        tokens, counts, error_at = jax.device_get((tokens, counts, error_at))
+        self.counters["decode_calls"] += 1
+        self.counters["decode_tokens"] += int(np.sum(np.minimum(counts + (error_at >= 0),
+                                                                batch.steps)))
+        return {r.request_id: ([int(t) for t in tokens[i, :counts[i]]], bool(error_at[i] >= 0))
+                for i, r in enumerate(rows)}
 
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
         """The executable of `fn` for this batch's shape bucket, compiled once (logged)."""
-        key = (fn.__name__, batch.shape, tuple(sorted(static.items())))
+        key = (fn.__name__, batch.shape, batch.stop_ids.shape, tuple(sorted(static.items())))
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()

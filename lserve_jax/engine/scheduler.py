@@ -18,6 +18,13 @@ prefill chunk, the last chunk of a prompt, and a decode step (num_computed = len
 the one new token is the last generated one) are all this rule; a running request always has at
 least one token left to compute.
 
+Several decode steps per call. `schedule(decode_steps=K)` with K > 1, when nobody waits and every
+planned row is a decode row that samples, gives each row num_steps = min(K, outputs left)
+(fewer if the free pages do not hold them; never a preemption for it): the row computes its
+input token and then up to num_steps - 1 tokens it samples itself, stopping early at a stop token.
+`update` then takes the list of tokens each row sampled. A request arriving meanwhile waits for
+the call to end, so K trades host round trips against time to first token.
+
 Budget and order (FCFS by arrival). The step's `max_num_batched_tokens` budget is shared by all
 rows; at most `max_num_seqs` requests run. Running requests come first, oldest first: each gets
 min(tokens left, budget left) tokens (1 when decoding). Then waiting requests in order while
@@ -181,7 +188,8 @@ class ScheduledRow:
     the slot's per-sequence state); num_output_tokens: tokens generated so far, the index of the
     token this row samples (key sampling randomness by it). window_pages: with a prefill window,
     the window-pool page of each page-table column the row's streaming heads read or write
-    (NULL_PAGE elsewhere; empty when the request holds no window pages).
+    (NULL_PAGE elsewhere; empty when the request holds no window pages). num_steps: decode
+    steps the row may run in this call (pages cover start + num_steps tokens).
     """
 
     request_id: Hashable
@@ -194,6 +202,7 @@ class ScheduledRow:
     num_output_tokens: int
     num_prompt_tokens: int
     window_pages: tuple[int, ...] = ()
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -451,8 +460,23 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def schedule(self) -> StepPlan:
-        """Plan the next step (see the module docstring for the rules)."""
+    def _more_steps(self, row: ScheduledRow, decode_steps: int) -> ScheduledRow:
+        """The decode row with up to `decode_steps` steps, as far as the free pages go."""
+        req = self._live[row.request_id]
+        steps = min(decode_steps, req.max_tokens - len(req.output_ids))
+        room = (len(req.pages) + self.pool.num_free) * self.pool.page_size - row.start
+        steps = max(1, min(steps, room))
+        need = self.pool.pages_for(row.start + steps) - len(req.pages)
+        if need > 0:
+            req.pages.extend(self.pool.allocate(need))
+        return dataclasses.replace(row, pages=tuple(req.pages), num_steps=steps)
+
+    def schedule(self, decode_steps: int = 1) -> StepPlan:
+        """Plan the next step (see the module docstring for the rules); `decode_steps` > 1
+        lets decode rows run several steps when nobody waits."""
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, numbers.Integral) \
+                or decode_steps < 1:
+            raise ValueError(f"decode_steps={decode_steps!r} must be an int >= 1")
         if self._pending is not None:
             raise RuntimeError("schedule: update() the previous plan before planning another")
         pool, ps = self.pool, self.pool.page_size
@@ -515,6 +539,9 @@ class Scheduler:
                 hits.append((req.request_id, computed))
             rows.append(self._row(req, num_new, admitted=True))
             budget -= num_new
+        if (decode_steps > 1 and rows and not preempted and not self.waiting
+                and all(r.is_decode and r.sample for r in rows)):
+            rows = [self._more_steps(r, decode_steps) for r in rows]
         plan = StepPlan(step=self.num_steps, rows=tuple(rows), preempted=tuple(preempted),
                         prefix_hits=tuple(hits))
         self.num_steps += 1
@@ -534,8 +561,10 @@ class Scheduler:
                finished: Mapping[Hashable, str] | None = None) -> list[Request]:
         """Apply the device step's results; returns the requests that finished.
 
-        sampled: request id -> token for rows with `sample` (a row whose token must not be
-        emitted, e.g. non-finite logits, leaves it out and is listed in `finished`);
+        sampled: request id -> token (or, for a row of several steps, the list of 1 to
+        num_steps tokens it sampled, the last one possibly a stop) for rows with `sample` (a row
+        whose token must not be emitted, e.g. non-finite logits, leaves it out and is listed in
+        `finished`);
         finished: request id -> "stop" | "length" | "error" | "abort" for rows that end now
         (their sampled token, if any, is appended first). A request also finishes with
         "length" at max_tokens outputs. Rows of requests aborted since `schedule` are
@@ -545,10 +574,18 @@ class Scheduler:
         if plan is not self._pending:
             raise ValueError("update: not the plan returned by the last schedule()")
         by_id = {r.request_id: r for r in plan.rows}
+        tokens = {}
         for rid, tok in sampled.items():
             if rid not in by_id or not by_id[rid].sample:
                 raise ValueError(f"update: request {rid!r} has no sampling row in this plan")
-            _check_token(f"update: sampled token of {rid!r}", tok)
+            toks = [tok] if isinstance(tok, numbers.Integral) else list(tok)
+            if not 1 <= len(toks) <= by_id[rid].num_steps:
+                raise ValueError(f"update: request {rid!r} sampled {len(toks)} tokens; its row "
+                                 f"runs 1 to {by_id[rid].num_steps} steps")
+            if len(toks) < by_id[rid].num_steps and rid not in finished:
+                raise ValueError(f"update: request {rid!r} sampled {len(toks)} of its row's "
+                                 f"{by_id[rid].num_steps} steps without finishing")
+            tokens[rid] = [_check_token(f"update: sampled token of {rid!r}", t) for t in toks]
         for rid, reason in finished.items():
             if rid not in by_id:
                 raise ValueError(f"update: request {rid!r} has no row in this plan")
@@ -568,8 +605,10 @@ class Scheduler:
         done = []
         for r, req in live_rows:
             req.num_computed_tokens += len(r.token_ids)
-            if r.request_id in sampled:
-                req.output_ids.append(int(sampled[r.request_id]))
+            if r.request_id in tokens:
+                toks = tokens[r.request_id]
+                req.num_computed_tokens += len(toks) - 1  # fed back within the call
+                req.output_ids.extend(toks)
             if req.num_computed_tokens >= len(req.prompt_ids):
                 self._free_window(req)
             if self.enable_prefix_caching:
