@@ -38,7 +38,7 @@ def test_lserve_with_covering_budget_and_windows_equals_dense(llm, tmp_path):
     dense = llm.generate(prompts, sp)
     assert "51923" in dense[1].text
     lserve = LLM(attention="lserve", head_pattern=str(pattern), ctx_local_tokens=1024,
-                 dec_sink_tokens=64, dec_local_tokens=1024, token_budget=1024)
+                 dec_sink_tokens=64, dec_local_tokens=1024, token_budget=1024, max_num_seqs=4)
     assert sum(map(sum, lserve.attention.streaming_heads)) == 45
     for a, b in zip(lserve.generate(prompts, sp), dense):
         assert a.token_ids == b.token_ids

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lserve_jax import decode_loop
+from lserve_jax import decode_loop, inputs
 from lserve_jax.sampling import SamplingArrays, sample
 from models import kv_cache, llama
 from models.attention import AttentionConfig
@@ -227,8 +227,8 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
                 first_window_page: int = 1) -> StepBatch:
     """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
     (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
-    key [2] uint32); stop_ids: request id -> its stop token ids (padded to a power of two, at
-    least 4, with -1). Window page p >= 1 of the host's window pool is streaming-pool page
+    key [2] uint32); stop_ids: request id -> its stop token ids (padded with -1 to
+    `inputs.stop_id_width`). Window page p >= 1 of the host's window pool is streaming-pool page
     first_window_page + p - 1 (`KVCache.first_window_page`)."""
     r, t, w = num_rows, num_tokens, num_columns
     slots = np.full(r, max_seqs, np.int32)
@@ -242,8 +242,8 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
     out_index = np.zeros(r, np.int32)
     steps = np.zeros(r, np.int32)
     stop_ids = stop_ids or {}
-    width = bucket(max((len(stop_ids.get(row.request_id, ())) for row in rows), default=0),
-                   1 << 30, 4)
+    width = inputs.stop_id_width(max((len(stop_ids.get(row.request_id, ())) for row in rows),
+                                     default=0))
     stops = np.full((r, width), -1, np.int32)
     temperature = np.zeros(r, np.float32)
     top_k = np.zeros(r, np.int32)

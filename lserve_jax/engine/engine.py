@@ -478,7 +478,8 @@ class Engine:
             tokens, bad = jax.device_get((tokens, bad))
             self.counters["prefill_calls"] += 1
             self.counters["prefill_tokens"] += sum(len(r.token_ids) for r in rows)
-            return {r.request_id: ([int(tokens[i])], bool(bad[i])) for i, r in enumerate(rows)}
+            return {r.request_id: ([] if bad[i] else [int(tokens[i])], bool(bad[i]))
+                    for i, r in enumerate(rows)}
         exe = self._compiled(device.decode_step, batch, dict(num_steps=self.num_scheduler_steps))
         self.cache, tokens, counts, error_at = exe(self.params, self.cache, batch)
         tokens, counts, error_at = jax.device_get((tokens, counts, error_at))
