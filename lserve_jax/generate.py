@@ -20,7 +20,7 @@ from models.sparsity import PAGE_SELECTIONS
 
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
-                "num_scheduler_steps")
+                "num_scheduler_steps", "long_prefill_token_threshold")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="KV cache size (default: 90%% of GPU memory; 1 GiB on CPU)")
     engine.add_argument("--num-scheduler-steps", type=int, default=None,
                         help="decode steps per device call while no request waits (default 8)")
+    engine.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                        help="prompt chunk cap while requests wait (default: a quarter of "
+                        "--max-num-batched-tokens; 0: none)")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's checksum before loading (sizes are "
                    "always checked)")

@@ -315,3 +315,21 @@ def test_pool_is_sized_from_memory(ckpt, pattern):
         make_engine(ckpt, pattern, "dense", kv_cache_memory_gb=1e-7)
     with pytest.raises(ValueError, match="not both"):
         make_engine(ckpt, pattern, "dense", kv_cache_memory_gb=1, num_pages=10)
+
+
+def test_prefill_rows_are_grouped_to_waste_few_padded_slots():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = [int(x) for x in rng.integers(1, 600, rng.integers(1, 12))]
+        groups = device.group_prefill_rows(lengths, 16)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+        def cost(gs):
+            return sum(device.CALL_OVERHEAD_TOKENS + device.bucket(len(g), 16)
+                       * device.token_bucket(max(lengths[i] for i in g)) for g in gs)
+
+        assert cost(groups) <= cost([list(range(len(lengths)))])
+    # one long chunk beside short ones: two calls, not 8 rows padded to the long one
+    assert device.group_prefill_rows([300] + [30] * 7, 16) == [[0], list(range(1, 8))]
+    assert [device.token_bucket(n) for n in (5, 100, 150, 300, 1000, 1100)] == \
+        [16, 128, 192, 384, 1024, 1536]

@@ -519,6 +519,19 @@ def test_several_decode_steps_per_call_only_when_nobody_waits():
         s.schedule(0)
 
 
+def test_long_prompt_chunks_are_capped_while_others_wait():
+    s = make(budget=16, seqs=4, long_prefill_token_threshold=4)
+    s.add(req("long", range(1, 41), max_tokens=2))
+    plan = s.schedule()
+    assert [len(r.token_ids) for r in plan.rows] == [16]  # nobody waits: the whole budget
+    s.update(plan, {}, {})
+    s.add(req("short", range(50, 55), max_tokens=2))
+    plan = s.schedule()
+    assert [(r.request_id, len(r.token_ids)) for r in plan.rows] == [("long", 4), ("short", 5)]
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        make(long_prefill_token_threshold=-1)
+
+
 def test_decode_rows_and_prefill_chunks_share_the_budget():
     s = make(budget=6, seqs=3)
     s.add(req("a", [1, 2, 3], max_tokens=10))
@@ -784,6 +797,7 @@ config = st.fixed_dictionaries({
     "mode": st.sampled_from(["plain", "plain", "replay", "window"]),
     "window": st.tuples(st.integers(0, 6), st.integers(1, 12)),
     "decode_steps": st.sampled_from([1, 1, 3]),
+    "long_prefill": st.sampled_from([0, 0, 1, 3]),  # chunk cap while others wait
 })
 
 
@@ -807,7 +821,8 @@ def build(cfg, specs):
                   max_num_batched_tokens=budget, max_model_len=cfg["max_len"],
                   extra=("test", cfg["ps"]),
                   enable_prefix_caching=cfg["caching"] and window is None,
-                  replay_outputs=cfg["mode"] != "plain", window=window)
+                  replay_outputs=cfg["mode"] != "plain", window=window,
+                  long_prefill_token_threshold=cfg["long_prefill"])
     arrivals, aborts, never_fit = collections.defaultdict(list), collections.defaultdict(list), []
     for i, sp in enumerate(specs):
         prompt = prompt_of(sp)

@@ -215,11 +215,41 @@ def bucket(n: int, cap: int, minimum: int = 1) -> int:
 
 
 def token_bucket(n: int, minimum: int = 16) -> int:
-    """Chunk-length bucket: a power of two up to 1024, then a multiple of 512."""
+    """Chunk-length bucket: a power of two up to 128, then also 1.5 times one (192, 384, 768)
+    up to 1024, then a multiple of 512."""
     n = max(n, minimum)
-    if n <= 1024:
-        return 1 << (n - 1).bit_length()
-    return math.ceil(n / 512) * 512
+    if n > 1024:
+        return math.ceil(n / 512) * 512
+    power = 1 << (n - 1).bit_length()
+    if power > 128 and n <= 3 * power // 4:
+        return 3 * power // 4
+    return power
+
+
+CALL_OVERHEAD_TOKENS = 64  # what one more device call costs, in padded token slots
+
+
+def group_prefill_rows(lengths: list[int], max_rows: int) -> list[list[int]]:
+    """Split a step's prefill rows (chunk lengths) into calls that waste few padded slots: a
+    call of R rows and longest chunk T costs bucket(R) * token_bucket(T) slots (plus
+    CALL_OVERHEAD_TOKENS), and rows sorted by length are cut where the total is least (one long
+    chunk beside many short ones is two calls, not R * T slots of padding). Returns lists of
+    row indices, longest chunks first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows (sorted)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows i..j-1 in one call; the longest is row i
+            cost = (best[i] + CALL_OVERHEAD_TOKENS
+                    + bucket(j - i, max_rows) * token_bucket(lengths[order[i]]))
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,

@@ -142,6 +142,9 @@ class Engine:
     identical prompt prefixes (off for layers with streaming heads, see the module docstring).
     `num_scheduler_steps`: decode steps per device call while no request waits (the host reads
     tokens back once per call; a request arriving meanwhile waits for the call to end).
+    `long_prefill_token_threshold`: while requests wait, a prompt chunk takes at most this many
+    tokens (default a quarter of `max_num_batched_tokens`; 0: no cap), so short requests behind
+    a long prompt start in the same step.
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -150,6 +153,7 @@ class Engine:
                  max_model_len: int | None = None, kv_cache_memory_gb: float | None = None,
                  num_pages: int | None = None, enable_prefix_caching: bool = True,
                  num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
+                 long_prefill_token_threshold: int | None = None,
                  **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
@@ -217,7 +221,9 @@ class Engine:
             self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len, extra=(attention, repr(self.attention), dtype),
             enable_prefix_caching=self.enable_prefix_caching, replay_outputs=lserve,
-            window=window)
+            window=window, long_prefill_token_threshold=(
+                max_num_batched_tokens // 4 if long_prefill_token_threshold is None
+                else long_prefill_token_threshold))
         self._live: dict[Hashable, _Live] = {}
         self._executables: dict = {}
         self._seed_rng = np.random.default_rng()
@@ -386,8 +392,9 @@ class Engine:
         results: dict[Hashable, tuple[list[int], bool]] = {}
         decode = [r for r in plan.rows if r.is_decode]
         prefill = [r for r in plan.rows if not r.is_decode]
-        if prefill:
-            results.update(self._run(prefill, decode=False))
+        for group in device.group_prefill_rows([len(r.token_ids) for r in prefill],
+                                               self.max_num_seqs):
+            results.update(self._run([prefill[i] for i in group], decode=False))
         if decode:
             results.update(self._run(decode, decode=True))
         sampled, finished, errors = {}, {}, {}

@@ -26,11 +26,13 @@ input token and then up to num_steps - 1 tokens it samples itself, stopping earl
 the call to end, so K trades host round trips against time to first token.
 
 Budget and order (FCFS by arrival). The step's `max_num_batched_tokens` budget is shared by all
-rows; at most `max_num_seqs` requests run. Running requests come first, oldest first: each gets
-min(tokens left, budget left) tokens (1 when decoding). Then waiting requests in order while
-budget and seats remain; admission looks up the prefix cache, and a request that does not fit in
-the free pages stops admission (no request overtakes an older one). A step that preempted admits
-nobody (the pages just freed would only be taken back).
+rows; at most `max_num_seqs` requests run. While requests wait, a prompt chunk takes at most
+`long_prefill_token_threshold` tokens (0: no cap), so requests queued behind a long prompt are
+admitted in the same step instead of after its whole prefill. Running requests come first,
+oldest first: each gets min(tokens left, budget left) tokens (1 when decoding). Then waiting
+requests in order while budget and seats remain; admission looks up the prefix cache, and a
+request that does not fit in the free pages stops admission (no request overtakes an older
+one). A step that preempted admits nobody (the pages just freed would only be taken back).
 
 Pages. Before a row is planned its request owns pages for num_computed + num_new tokens. When
 the pool cannot provide them, the most recently arrived running request is preempted and the
@@ -302,7 +304,8 @@ class Scheduler:
 
     def __init__(self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, extra=None, enable_prefix_caching: bool = True,
-                 replay_outputs: bool = False, window: PrefillWindow | None = None):
+                 replay_outputs: bool = False, window: PrefillWindow | None = None,
+                 long_prefill_token_threshold: int = 0):
         for name, v in (("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
@@ -327,6 +330,12 @@ class Scheduler:
             raise ValueError("a prefill window needs replay_outputs=True and "
                              "enable_prefix_caching=False")
         self.window = window
+        if (isinstance(long_prefill_token_threshold, bool)
+                or not isinstance(long_prefill_token_threshold, numbers.Integral)
+                or long_prefill_token_threshold < 0):
+            raise ValueError(f"long_prefill_token_threshold={long_prefill_token_threshold!r} "
+                             "must be an int >= 0 (0: off)")
+        self.long_prefill_token_threshold = int(long_prefill_token_threshold)
         self.replay_outputs = bool(replay_outputs)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # sorted by arrival
@@ -437,6 +446,15 @@ class Scheduler:
             return p - computed if computed < p else 1
         return req.num_tokens - computed
 
+    def _chunk(self, req: Request, computed: int, others_waiting: int) -> int:
+        """`_tokens_left`, a prompt chunk capped at `long_prefill_token_threshold` while other
+        requests wait (so they are admitted in the same step)."""
+        left = self._tokens_left(req, computed)
+        cap = self.long_prefill_token_threshold
+        if cap and others_waiting and computed < len(req.prompt_ids):
+            return min(left, cap)
+        return left
+
     def _cacheable_tokens(self, req: Request) -> int:
         """Computed tokens whose full pages may be registered in the prefix cache."""
         n = req.num_computed_tokens
@@ -487,7 +505,7 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(self._tokens_left(req, req.num_computed_tokens), budget)
+            num_new = min(self._chunk(req, req.num_computed_tokens, len(self.waiting)), budget)
             need = pool.pages_for(req.num_computed_tokens + num_new) - len(req.pages)
             while need > pool.num_free and req.status is RequestStatus.RUNNING:
                 victim = self.running[-1]  # the most recently arrived
@@ -510,7 +528,7 @@ class Scheduler:
                 self._extend_hashes(req, limit)
                 matched = pool.lookup(req.block_hashes[:limit])
             computed = len(matched) * ps
-            num_new = min(self._tokens_left(req, computed), budget)
+            num_new = min(self._chunk(req, computed, len(self.waiting) - 1), budget)
             need = pool.pages_for(computed + num_new) - len(matched)
             if need > pool.num_free - sum(pool.refcount(p) == 0 for p in matched):
                 break  # FCFS: nobody overtakes the oldest waiting request
