@@ -334,13 +334,15 @@ def release(cache: KVCache, slot: jax.Array) -> KVCache:
 
 
 def token_pages(cache: KVCache, slots: jax.Array, positions: jax.Array,
-                valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Physical (page, offset) of each token; invalid tokens go to the null page.
+                valid: jax.Array, table: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Physical (page, offset) of each token through `table` (default the page table; the
+    window table for prefill window pages); invalid tokens go to the null page.
 
     slots [B], positions [B, T], valid [B, T] -> pages [B, T], offsets [B, T].
     """
-    col = jnp.clip(positions // cache.page_size, 0, cache.max_pages_per_seq - 1)
-    pages = jnp.take_along_axis(cache.page_table[slots], col, axis=1)
+    table = cache.page_table if table is None else table
+    col = jnp.clip(positions // cache.page_size, 0, table.shape[1] - 1)
+    pages = jnp.take_along_axis(table[slots], col, axis=1)
     pages = jnp.where(valid, pages, NULL_PAGE)
     return pages, positions % cache.page_size
 
@@ -456,11 +458,8 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
             arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks)
             arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs)
         if window and cache.window_table.shape[1]:
-            col = jnp.clip(positions // cache.page_size, 0, cache.window_table.shape[1] - 1)
-            pages = jnp.take_along_axis(cache.window_table[slots], col, axis=1)
+            pages, offsets = token_pages(cache, slots, positions, valid, cache.window_table)
             kept = valid & (pages != NULL_PAGE)
-            pages = jnp.where(kept, pages, NULL_PAGE)
-            offsets = positions % cache.page_size
             for name, x in (("sk", k), ("sv", v)):
                 x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
                 arrays[name] = write_layer(arrays[name], pages, offsets, x)

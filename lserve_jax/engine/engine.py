@@ -464,7 +464,6 @@ class Engine:
     def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[list[int], bool]]:
         """One device call for `rows` (all decode rows, or all prefill rows); returns each
         row's (sampled tokens, logits not finite after them)."""
-        fresh = not decode and not any(r.start for r in rows)
         width = max(len(r.pages) for r in rows)
         # Few shapes, so few compiles: decode rows in buckets of at least MIN_DECODE_ROWS (a
         # decode step reads every weight whatever its rows), page-table widths of at least
@@ -480,6 +479,7 @@ class Engine:
                                              for r in rows},
                                    first_window_page=self.cache.first_window_page)
         if not decode:
+            fresh = not any(r.start for r in rows)  # attend within the chunk
             exe = self._compiled(device.prefill_step, batch, dict(fresh=fresh))
             self.cache, tokens, bad = exe(self.params, self.cache, batch)
             tokens, bad = jax.device_get((tokens, bad))
