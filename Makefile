@@ -22,7 +22,7 @@ run: $(VENV)/.installed-run
 	$(PY) -m lserve_jax.generate --chat "$(PROMPT)"
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 -q
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow

@@ -101,6 +101,10 @@ def run_engine(engine: Engine, reqs: list[Req], *, realtime: bool) -> dict:
                 preemptions=after["preemptions"] - before["preemptions"],
                 prefix_hit_tokens=after["prefix_hit_tokens"] - before["prefix_hit_tokens"],
                 decode_calls=after["decode_calls"] - before["decode_calls"],
+                prefill_calls=after["prefill_calls"] - before["prefill_calls"],
+                # seconds in device calls; the rest of wall_s is host work (and compiles)
+                prefill_s=after["prefill_s"] - before["prefill_s"],
+                decode_s=after["decode_s"] - before["decode_s"],
                 # compiles of shape buckets the warm-up did not meet count in wall_s
                 compile_s=after["compile_s"] - before["compile_s"],
                 outputs={i: final[i].token_ids for i in final},
@@ -197,6 +201,9 @@ def head_of_line(engine: Engine, tokenizer, num_short: int = 4) -> dict:
                 long_ttft_s=behind["ttft"][0], mixed_wall_s=behind["wall_s"])
 
 
+SCENARIOS = ("offline", "online", "head_of_line", "steps_per_call")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default=None)
@@ -207,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, nargs="*", default=[1, 4, 8, 16])
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=SCENARIOS,
+                   help="which scenarios to run (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     backend = device_slug(jax.devices()[0].device_kind)
@@ -232,27 +241,33 @@ def main(argv=None) -> int:
     engine = make(8)
     tok = engine.tokenizer
     offline = workload(tok, args.requests, args.seed, None)
-    # Warm-ups run other requests of the same shapes (compiling the buckets the measured runs
-    # use) and leave nothing in the prefix cache that the measured requests could hit.
-    warm = workload(tok, args.requests, args.seed + 1000, None)
-    run_engine(engine, warm, realtime=False)
-    eng = run_engine(engine, offline, realtime=False)
-    record("offline", "engine", eng)
-    static = run_static(engine, offline)
-    record("offline", "static_batch", static)
-    same = sum(eng["outputs"][i] == static["outputs"][i] for i in range(len(offline)))
-    record("offline", "ratio", dict(engine_over_static=eng["tokens_per_s"] / static["tokens_per_s"],
-                                    same_tokens=f"{same}/{len(offline)}"))
-    if not args.no_hf:
-        hf = run_hf(offline)
-        if hf is not None:
-            record("offline", "hf_generate_batch", hf)
-            record("offline", "ratio", dict(engine_over_hf=eng["tokens_per_s"] / hf["tokens_per_s"]))
-    online = workload(tok, args.requests, args.seed + 1, args.rate)
-    record("online", "engine", run_engine(engine, online, realtime=True) | dict(rate=args.rate))
-    record("head_of_line", "engine", head_of_line(engine, tok))
+    eng = static = None
+    if "offline" in args.scenarios:
+        # Warm-ups run other requests of the same shapes (compiling the buckets the measured
+        # runs use) and leave nothing in the prefix cache that the measured requests could hit.
+        run_engine(engine, workload(tok, args.requests, args.seed + 1000, None), realtime=False)
+        eng = run_engine(engine, offline, realtime=False)
+        record("offline", "engine", eng)
+        static = run_static(engine, offline)
+        record("offline", "static_batch", static)
+        same = sum(eng["outputs"][i] == static["outputs"][i] for i in range(len(offline)))
+        record("offline", "ratio", dict(
+            engine_over_static=eng["tokens_per_s"] / static["tokens_per_s"],
+            same_tokens=f"{same}/{len(offline)}"))
+        if not args.no_hf:
+            hf = run_hf(offline)
+            if hf is not None:
+                record("offline", "hf_generate_batch", hf)
+                record("offline", "ratio",
+                       dict(engine_over_hf=eng["tokens_per_s"] / hf["tokens_per_s"]))
+    if "online" in args.scenarios:
+        online = workload(tok, args.requests, args.seed + 1, args.rate)
+        record("online", "engine",
+               run_engine(engine, online, realtime=True) | dict(rate=args.rate))
+    if "head_of_line" in args.scenarios:
+        record("head_of_line", "engine", head_of_line(engine, tok))
     sweep = {}
-    for steps in args.steps:
+    for steps in args.steps if "steps_per_call" in args.scenarios else ():
         e = engine if steps == 8 else make(steps)
         run_engine(e, workload(tok, args.requests, args.seed + 2000 + steps, None),
                    realtime=False)  # warm-up
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
                             decode_calls=res["decode_calls"])
         record("steps_per_call", f"engine_steps_{steps}", dict(num_scheduler_steps=steps,
                                                                **sweep[steps]))
-    plot(out / f"serve_throughput_{backend}.png", eng, static, sweep)
+    if eng is not None and sweep:
+        plot(out / f"serve_throughput_{backend}.png", eng, static, sweep)
     return 0
 
 

@@ -4,6 +4,9 @@ import os
 
 # Tests run on the CPU unless a GPU is present; keep XLA from grabbing all host threads' memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# No persistent compilation cache unless a test asks for one (tests/test_api.py): each test
+# compiles what it runs, sharing no entries with the other test worker or an earlier checkout.
+os.environ.setdefault("LSERVE_JAX_COMPILATION_CACHE", "0")
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,22 @@ def lower_for_cuda(traced) -> str:
         if "No supported GPU devices found" in str(e):
             pytest.skip("this JAX lowers Triton kernels only with a GPU present")
         raise
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free each test module's compiled programs when it ends. A test worker runs hundreds of
+    compiles, and XLA:CPU maps every compiled kernel separately: kept for the whole session
+    they pass the kernel's limit on memory mappings (vm.max_map_count), where the next
+    compile dies with a segmentation fault."""
+    yield
+    import gc
+
+    from lserve_jax.engine import engine
+
+    engine._SHARED_EXECUTABLES.clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -81,7 +81,8 @@ def test_engine_equals_the_static_batch_path(ckpt, pattern, mode):
     check_pool_empty(engine)
 
 
-@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads", "lserve"])
+@pytest.mark.parametrize("mode", [
+    "dense", pytest.param("lserve-dense-heads", marks=pytest.mark.slow), "lserve"])
 def test_chunk_size_does_not_change_tokens(ckpt, pattern, mode):
     """Chunks of 12 and 100 tokens split pages, logical pages and (LServe) the streaming
     heads' prefill window of 8 sink + 32 local tokens; tokens equal a prefill in one piece."""
@@ -140,8 +141,11 @@ def _workload(seed, n):
     return reqs
 
 
-@pytest.mark.parametrize("mode,num_pages", [("dense", None), ("lserve", None),
-                                            ("dense", 12), ("lserve", 12)])
+# With 12 pages some requests are preempted and others not; the roomy pool (no preemption at
+# all) is the easier case, in the slow suite.
+@pytest.mark.parametrize("mode,num_pages", [
+    pytest.param("dense", None, marks=pytest.mark.slow),
+    pytest.param("lserve", None, marks=pytest.mark.slow), ("dense", 12), ("lserve", 12)])
 def test_random_arrivals_and_preemption_give_the_tokens_of_each_request_alone(
         ckpt, pattern, mode, num_pages):
     """Requests join at random steps; with 12 pages (11 usable of 8 tokens) they do not all
@@ -333,3 +337,29 @@ def test_prefill_rows_are_grouped_to_waste_few_padded_slots():
     assert device.group_prefill_rows([300] + [30] * 7, 16) == [[0], list(range(1, 8))]
     assert [device.token_bucket(n) for n in (5, 100, 150, 300, 1000, 1100)] == \
         [16, 128, 192, 384, 1024, 1536]
+
+
+def test_compiled_steps_are_freed_when_memory_maps_run_short(ckpt, pattern, monkeypatch,
+                                                              caplog):
+    """Past half the kernel's limit on memory mappings (each compiled XLA:CPU kernel maps its
+    code separately), older compiled steps and JAX's caches are freed after a compile; the
+    engine goes on with the same tokens, compiling again what it needs again."""
+    import logging
+
+    from lserve_jax.engine import engine as engine_module
+
+    engine_module._SHARED_EXECUTABLES.clear()  # earlier tests' steps would count below
+    counts = engine_module.memory_map_count()
+    if counts is not None:  # Linux
+        assert 0 < counts[0] < counts[1]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = random_prompt(np.random.default_rng(5), 30)
+    expected = alone(make_engine(ckpt, pattern, "dense"), prompt, sp)
+    monkeypatch.setattr(engine_module, "memory_map_count", lambda: (1000, 1000))
+    engine = make_engine(ckpt, pattern, "dense", max_num_seqs=2,
+                         max_num_batched_tokens=16)  # new shapes
+    with caplog.at_level(logging.WARNING, logger="lserve_jax"):
+        assert alone(engine, prompt, sp) == expected
+        assert alone(engine, prompt, sp) == expected  # freed steps compile again
+    assert "memory mappings" in caplog.text
+    assert len(engine_module._SHARED_EXECUTABLES) <= 2

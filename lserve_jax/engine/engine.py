@@ -26,7 +26,9 @@ several times faster than gathering pages), equal to the chunk path (tests/test_
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import gc
 import itertools
 import logging
 import time
@@ -39,7 +41,7 @@ import numpy as np
 from lserve_jax import head_pattern, inputs
 from lserve_jax.engine import device
 from lserve_jax.engine.pages import PagePool
-from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler
+from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_shape
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
@@ -54,6 +56,56 @@ GPU_MEMORY_FRACTION = 0.9  # weights plus KV cache, of the device's memory
 MIN_DECODE_ROWS = 4
 MIN_PAGE_COLUMNS = 8
 DEFAULT_SCHEDULER_STEPS = 8  # decode steps per call while nobody waits
+MAX_SHARED_EXECUTABLES = 64  # compiled steps kept for the process's engines, least recent out
+_SHARED_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+MAP_COUNT_FRACTION = 0.5  # of the kernel's limit on memory mappings, see below
+
+
+def memory_map_count() -> tuple[int, int] | None:
+    """(memory mappings of this process, the kernel's limit `vm.max_map_count`); None where
+    the system does not say (not Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            count = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return count, int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def release_executables_if_maps_run_short() -> bool:
+    """Free the older half of the compiled steps when the process's memory mappings pass
+    MAP_COUNT_FRACTION of the kernel's limit; True if it did.
+
+    XLA:CPU maps each compiled kernel's code and data separately (a 30-layer model's step is
+    a few thousand mappings) and JAX keeps compiled programs for reuse, so a process that
+    compiles many shapes reaches `vm.max_map_count` (65530 by default), where the next mmap
+    fails and the process dies with a segmentation fault inside the compiler. Dropping our
+    references and JAX's in-memory caches (`jax.clear_caches`) unmaps them; steps dropped
+    are compiled again if used again (a warning says so)."""
+    maps = memory_map_count()
+    if maps is None or maps[0] <= MAP_COUNT_FRACTION * maps[1]:
+        return False
+    for _ in range(len(_SHARED_EXECUTABLES) // 2):
+        _SHARED_EXECUTABLES.popitem(last=False)
+    jax.clear_caches()
+    gc.collect()
+    after = memory_map_count()
+    log.warning("%d of the process's %d allowed memory mappings were in use (compiled "
+                "programs); freed the least recently used steps and JAX's compilation caches, "
+                "now %s mappings (raise vm.max_map_count to keep more compiled shapes)",
+                maps[0], maps[1], after[0] if after else "?")
+    return True
+
+
+def _signature(tree) -> tuple:
+    """What a compiled program depends on in `tree`: its structure, shapes, dtypes and
+    shardings."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), str(x.dtype), getattr(x, "sharding", None))
+                          for x in leaves)
 
 
 def default_impl() -> str:
@@ -198,10 +250,12 @@ class Engine:
         if self.streaming:
             # Room for two long prompts' prefill windows at once (window pages are held only
             # while a prompt is prefilled in several chunks).
-            probe = PrefillWindow(PagePool(2, page_size), sink_tokens=self.sparsity.ctx_sink_tokens,
-                                  local_tokens=self.sparsity.ctx_local_tokens)
-            worst = sum(probe.shape(self.max_model_len, max_num_batched_tokens))
-            window = dataclasses.replace(probe, pool=PagePool(1 + 2 * worst, page_size))
+            worst = sum(window_shape(page_size, self.sparsity.ctx_sink_tokens,
+                                     self.sparsity.ctx_local_tokens, self.max_model_len,
+                                     max_num_batched_tokens))
+            window = PrefillWindow(PagePool(1 + 2 * worst, page_size),
+                                   sink_tokens=self.sparsity.ctx_sink_tokens,
+                                   local_tokens=self.sparsity.ctx_local_tokens)
         spec = self._spec(self.attention, num_pages=2,
                           num_window_pages=window.pool.num_pages - 1 if window else 0)
         if num_pages is None:
@@ -225,12 +279,14 @@ class Engine:
                 max_num_batched_tokens // 4 if long_prefill_token_threshold is None
                 else long_prefill_token_threshold))
         self._live: dict[Hashable, _Live] = {}
-        self._executables: dict = {}
+        self._state_signature = _signature((self.params, self.cache))
         self._seed_rng = np.random.default_rng()
         self._auto_ids = itertools.count()
         self.compile_s = 0.0
+        # prefill_s, decode_s: seconds in device calls (launch to results on the host)
         self.counters = dict(steps=0, prefill_calls=0, decode_calls=0, prefill_tokens=0,
-                             decode_tokens=0, finished=0, aborted=0, errors=0)
+                             decode_tokens=0, finished=0, aborted=0, errors=0,
+                             prefill_s=0.0, decode_s=0.0)
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -481,15 +537,19 @@ class Engine:
         if not decode:
             fresh = not any(r.start for r in rows)  # attend within the chunk
             exe = self._compiled(device.prefill_step, batch, dict(fresh=fresh))
+            t0 = time.perf_counter()
             self.cache, tokens, bad = exe(self.params, self.cache, batch)
             tokens, bad = jax.device_get((tokens, bad))
+            self.counters["prefill_s"] += time.perf_counter() - t0
             self.counters["prefill_calls"] += 1
             self.counters["prefill_tokens"] += sum(len(r.token_ids) for r in rows)
             return {r.request_id: ([] if bad[i] else [int(tokens[i])], bool(bad[i]))
                     for i, r in enumerate(rows)}
         exe = self._compiled(device.decode_step, batch, dict(num_steps=self.num_scheduler_steps))
+        t0 = time.perf_counter()
         self.cache, tokens, counts, error_at = exe(self.params, self.cache, batch)
         tokens, counts, error_at = jax.device_get((tokens, counts, error_at))
+        self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_calls"] += 1
         self.counters["decode_tokens"] += int(np.sum(np.minimum(counts + (error_at >= 0),
                                                                 batch.steps)))
@@ -497,18 +557,25 @@ class Engine:
                 for i, r in enumerate(rows)}
 
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
-        """The executable of `fn` for this batch's shape bucket, compiled once (logged)."""
-        key = (fn.__name__, batch.shape, batch.stop_ids.shape, tuple(sorted(static.items())))
-        exe = self._executables.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(self.params, self.cache, batch, config=self.config,
-                           attention=self.attention, **static).compile()
-            seconds = time.perf_counter() - t0
-            self.compile_s += seconds
-            log.info("compiled %s for rows, tokens, pages %s in %.1f s", fn.__name__,
-                     batch.shape, seconds)
-            self._executables[key] = exe
+        """The executable of `fn` for this batch's shape bucket, compiled once per process
+        (logged): engines of one model, attention config and pool share it."""
+        key = (fn.__name__, batch.shape, batch.stop_ids.shape, tuple(sorted(static.items())),
+               self.config, self.attention, self._state_signature, _signature(batch))
+        exe = _SHARED_EXECUTABLES.get(key)
+        if exe is not None:
+            _SHARED_EXECUTABLES.move_to_end(key)
+            return exe
+        t0 = time.perf_counter()
+        exe = fn.lower(self.params, self.cache, batch, config=self.config,
+                       attention=self.attention, **static).compile()
+        seconds = time.perf_counter() - t0
+        self.compile_s += seconds
+        log.info("compiled %s for rows, tokens, pages %s in %.1f s", fn.__name__, batch.shape,
+                 seconds)
+        _SHARED_EXECUTABLES[key] = exe
+        while len(_SHARED_EXECUTABLES) > MAX_SHARED_EXECUTABLES:
+            _SHARED_EXECUTABLES.popitem(last=False)
+        release_executables_if_maps_run_short()
         return exe
 
     # ---- conveniences ----------------------------------------------------------------------------

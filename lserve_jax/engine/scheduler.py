@@ -270,10 +270,8 @@ class PrefillWindow:
     def shape(self, num_prompt_tokens: int, max_chunk: int) -> tuple[int, int]:
         """(sink pages, ring pages) a prompt of `num_prompt_tokens` reserves when its chunks
         are at most `max_chunk` tokens long."""
-        pages = self.pool.pages_for(num_prompt_tokens)
-        sink = min(self.pool.pages_for(self.sink_tokens), pages)
-        ring = self.pool.pages_for(self.local_tokens - 1 + max_chunk)
-        return sink, min(ring, pages - sink)
+        return window_shape(self.pool.page_size, self.sink_tokens, self.local_tokens,
+                            num_prompt_tokens, max_chunk)
 
     def table(self, reserved: Sequence[int], num_prompt_tokens: int, max_chunk: int,
               start: int, end: int) -> tuple[int, ...]:
@@ -284,18 +282,26 @@ class PrefillWindow:
         sink, ring = self.shape(num_prompt_tokens, max_chunk)
         hi = start if end >= num_prompt_tokens else end
         lo = max(0, start - self.local_tokens + 1)
-        out = []
-        for c in range(self.pool.pages_for(end)):
-            first = c * ps
-            if first >= hi:
-                out.append(NULL_PAGE)
-            elif c < sink:
-                out.append(reserved[c])
-            elif first + ps > lo:
-                out.append(reserved[sink + (c - sink) % ring])
-            else:
-                out.append(NULL_PAGE)
-        return tuple(out)
+        columns = np.arange(self.pool.pages_for(end))
+        first = columns * ps
+        slot = np.where(columns < sink, columns, sink + (columns - sink) % max(ring, 1))
+        seen = (first < hi) & ((columns < sink) | (first + ps > lo))
+        pages = np.asarray(reserved, np.int64)
+        out = np.where(seen, pages[np.minimum(slot, len(pages) - 1)] if len(pages) else
+                       NULL_PAGE, NULL_PAGE)
+        return tuple(int(p) for p in out)
+
+
+def window_shape(page_size: int, sink_tokens: int, local_tokens: int, num_prompt_tokens: int,
+                 max_chunk: int) -> tuple[int, int]:
+    """(sink pages, ring pages) of a prompt's prefill window: the pages of the first
+    `sink_tokens` tokens, and a ring holding the last `local_tokens - 1` keys before a chunk of
+    up to `max_chunk` tokens plus the chunk; at most the prompt's pages in all."""
+    pages_for = lambda n: -(-n // page_size)  # noqa: E731
+    pages = pages_for(num_prompt_tokens)
+    sink = min(pages_for(sink_tokens), pages)
+    ring = pages_for(local_tokens - 1 + max_chunk)
+    return sink, min(ring, pages - sink)
 
 
 class Scheduler:
