@@ -354,6 +354,22 @@ def test_refcount_and_sharing():
         pool.free(hit)  # refcount 0 now: a double free
 
 
+def test_reset_prefix_cache_forgets_only_pages_nobody_holds():
+    pool = PagePool(8, 4)
+    a, b = list(range(10, 19)), list(range(30, 39))  # two full pages each, and one token
+    pa, pb = pool.allocate(3), pool.allocate(3)
+    pool.cache_full_pages(pa, a, None, 0)
+    pool.cache_full_pages(pb, b, None, 0)
+    pool.free(pa)  # a's pages: cached, evictable; b's: still held
+    free = pool.num_free
+    assert pool.reset_prefix_cache() == 2
+    pool.check_invariants()
+    assert pool.num_free == free and pool.num_cached == 2 and pool.num_evictable == 0
+    assert pool.match_prefix(a, None) == []
+    assert pool.match_prefix(b, None) == pb[:2]  # held pages keep their hashes
+    assert pool.reset_prefix_cache() == 0
+
+
 def test_match_never_covers_the_whole_sequence():
     pool = PagePool(8, 4)
     toks = list(range(10, 18))  # exactly two pages

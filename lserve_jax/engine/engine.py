@@ -422,6 +422,11 @@ class Engine:
         self.counters["aborted"] += 1
         return self._output(live, [], finished=True, reason="abort")
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache's pages that no running request holds (for example before
+        a measurement that must not hit earlier prompts); returns how many."""
+        return self.pool.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

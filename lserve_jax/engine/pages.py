@@ -245,6 +245,16 @@ class PagePool:
             self._refcount[page] += 1
 
     # ---------------------------------------------------------------------- prefix cache
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page no sequence holds (they become free-uncached, in LRU
+        order); pages still held keep their hashes. Returns how many were forgotten."""
+        pages = list(self._evictable)
+        for page in pages:
+            del self._page_of[self._hash_of.pop(page)]
+        self._evictable.clear()
+        self._free.extend(pages)
+        return len(pages)
+
     def extend_hashes(self, hashes: list[bytes], token_ids: Sequence[int], extra, *,
                       max_pages: int | None = None, extra_key: bytes | None = None) -> list[bytes]:
         """Extend `hashes` (the chain hashes of the first len(hashes) full pages of token_ids,
