@@ -114,6 +114,15 @@ def run_engine(engine: Engine, reqs: list[Req], *, realtime: bool) -> dict:
                 ttft={i: final[i].metrics.ttft for i in final})
 
 
+def warm_then_run(engine: Engine, reqs: list[Req], *, realtime: bool = False) -> dict:
+    """`run_engine` after a warm-up on the same requests (all at once), which compiles the
+    shape buckets the run uses; the prefix cache is emptied in between, so the measured run
+    hits only what it caches itself."""
+    run_engine(engine, reqs, realtime=False)
+    engine.reset_prefix_cache()
+    return run_engine(engine, reqs, realtime=realtime)
+
+
 def run_static(engine: Engine, reqs: list[Req]) -> dict:
     """Every prompt in one right-padded batch, decoded until the longest output is done."""
     from lserve_jax import decode_loop
@@ -257,12 +266,7 @@ def main(argv=None) -> int:
     offline = workload(tok, args.requests, args.seed, None)
     eng = static = None
     if "offline" in args.scenarios:
-        # The warm-up runs the same requests (so it compiles the shape buckets the measured
-        # run uses, as the static batch's warm-up does); then the prefix cache is emptied so
-        # the measured run hits only what it caches itself.
-        run_engine(engine, offline, realtime=False)
-        engine.reset_prefix_cache()
-        eng = run_engine(engine, offline, realtime=False)
+        eng = warm_then_run(engine, offline)  # as the static batch is timed after its compile
         record("offline", "engine", eng)
         static = run_static(engine, offline)
         record("offline", "static_batch", static)
@@ -278,19 +282,15 @@ def main(argv=None) -> int:
                        dict(engine_over_hf=eng["tokens_per_s"] / hf["tokens_per_s"]))
     if "online" in args.scenarios:
         online = workload(tok, args.requests, args.seed + 1, args.rate)
-        run_engine(engine, online, realtime=False)  # warm-up (arrivals batch differently)
-        engine.reset_prefix_cache()
+        # (realtime arrivals batch differently from the warm-up: compile_s says what is left)
         record("online", "engine",
-               run_engine(engine, online, realtime=True) | dict(rate=args.rate))
+               warm_then_run(engine, online, realtime=True) | dict(rate=args.rate))
     if "head_of_line" in args.scenarios:
         record("head_of_line", "engine", head_of_line(engine, tok))
     sweep = {}
     for steps in args.steps if "steps_per_call" in args.scenarios else ():
         e = engine if steps == 8 else make(steps)
-        sweep_load = workload(tok, args.requests, args.seed + 3000, None)
-        run_engine(e, sweep_load, realtime=False)  # warm-up: the same shapes
-        e.reset_prefix_cache()
-        res = run_engine(e, sweep_load, realtime=False)
+        res = warm_then_run(e, workload(tok, args.requests, args.seed + 3000, None))
         # One request arriving while the others decode: its TTFT.
         sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
         ids = [e.add_request(None, list(r.prompt[:32]), sp) for r in offline[:8]]

@@ -63,13 +63,9 @@ def _free_compiled_programs():
     they pass the kernel's limit on memory mappings (vm.max_map_count), where the next
     compile dies with a segmentation fault."""
     yield
-    import gc
-
     from lserve_jax.engine import engine
 
-    engine._SHARED_EXECUTABLES.clear()
-    jax.clear_caches()
-    gc.collect()
+    engine.release_compiled_steps()
 
 
 def pytest_collection_modifyitems(config, items):

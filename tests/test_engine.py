@@ -348,7 +348,7 @@ def test_compiled_steps_are_freed_when_memory_maps_run_short(ckpt, pattern, monk
 
     from lserve_jax.engine import engine as engine_module
 
-    engine_module._SHARED_EXECUTABLES.clear()  # earlier tests' steps would count below
+    engine_module.release_compiled_steps()  # earlier tests' steps would count below
     counts = engine_module.memory_map_count()
     if counts is not None:  # Linux
         assert 0 < counts[0] < counts[1]

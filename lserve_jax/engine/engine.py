@@ -75,6 +75,15 @@ def memory_map_count() -> tuple[int, int] | None:
         return None
 
 
+def release_compiled_steps(fraction: float = 1.0) -> None:
+    """Drop the least recently used `fraction` of the engines' compiled steps and JAX's
+    in-memory compilation caches, and collect, so their code is unmapped."""
+    for _ in range(int(len(_SHARED_EXECUTABLES) * fraction)):
+        _SHARED_EXECUTABLES.popitem(last=False)
+    jax.clear_caches()
+    gc.collect()
+
+
 def release_executables_if_maps_run_short() -> bool:
     """Free the older half of the compiled steps when the process's memory mappings pass
     MAP_COUNT_FRACTION of the kernel's limit; True if it did.
@@ -88,10 +97,7 @@ def release_executables_if_maps_run_short() -> bool:
     maps = memory_map_count()
     if maps is None or maps[0] <= MAP_COUNT_FRACTION * maps[1]:
         return False
-    for _ in range(len(_SHARED_EXECUTABLES) // 2):
-        _SHARED_EXECUTABLES.popitem(last=False)
-    jax.clear_caches()
-    gc.collect()
+    release_compiled_steps(0.5)
     after = memory_map_count()
     log.warning("%d of the process's %d allowed memory mappings were in use (compiled "
                 "programs); freed the least recently used steps and JAX's compilation caches, "
@@ -564,8 +570,8 @@ class Engine:
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
         """The executable of `fn` for this batch's shape bucket, compiled once per process
         (logged): engines of one model, attention config and pool share it."""
-        key = (fn.__name__, batch.shape, batch.stop_ids.shape, tuple(sorted(static.items())),
-               self.config, self.attention, self._state_signature, _signature(batch))
+        key = (fn.__name__, tuple(sorted(static.items())), self.config, self.attention,
+               self._state_signature, _signature(batch))
         exe = _SHARED_EXECUTABLES.get(key)
         if exe is not None:
             _SHARED_EXECUTABLES.move_to_end(key)

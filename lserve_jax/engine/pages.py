@@ -97,6 +97,11 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
     return arr.astype("<i8").tobytes()
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages of `page_size` tokens needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // page_size)
+
+
 def block_hash(parent: bytes, tokens: Sequence[int], extra_key: bytes) -> bytes:
     """Hash of one full page: its parent's hash, its configuration digest and its token ids."""
     if len(parent) != HASH_BYTES or len(extra_key) != HASH_BYTES:
@@ -169,7 +174,7 @@ class PagePool:
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold `num_tokens` tokens."""
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     # ---------------------------------------------------------------------- ownership
     def _check_page(self, page, fn: str) -> None:

@@ -93,7 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from lserve_jax.engine.pages import NULL_PAGE, PagePool, extra_digest
+from lserve_jax.engine.pages import NULL_PAGE, PagePool, extra_digest, pages_for
 
 
 class RequestStatus(enum.Enum):
@@ -284,12 +284,11 @@ class PrefillWindow:
         lo = max(0, start - self.local_tokens + 1)
         columns = np.arange(self.pool.pages_for(end))
         first = columns * ps
-        slot = np.where(columns < sink, columns, sink + (columns - sink) % max(ring, 1))
         seen = (first < hi) & ((columns < sink) | (first + ps > lo))
-        pages = np.asarray(reserved, np.int64)
-        out = np.where(seen, pages[np.minimum(slot, len(pages) - 1)] if len(pages) else
-                       NULL_PAGE, NULL_PAGE)
-        return tuple(int(p) for p in out)
+        slot = np.where(columns < sink, columns, sink + (columns - sink) % max(ring, 1))
+        out = np.full(len(columns), NULL_PAGE, np.int64)
+        out[seen] = np.asarray(reserved, np.int64)[slot[seen]]
+        return tuple(out.tolist())
 
 
 def window_shape(page_size: int, sink_tokens: int, local_tokens: int, num_prompt_tokens: int,
@@ -297,10 +296,9 @@ def window_shape(page_size: int, sink_tokens: int, local_tokens: int, num_prompt
     """(sink pages, ring pages) of a prompt's prefill window: the pages of the first
     `sink_tokens` tokens, and a ring holding the last `local_tokens - 1` keys before a chunk of
     up to `max_chunk` tokens plus the chunk; at most the prompt's pages in all."""
-    pages_for = lambda n: -(-n // page_size)  # noqa: E731
-    pages = pages_for(num_prompt_tokens)
-    sink = min(pages_for(sink_tokens), pages)
-    ring = pages_for(local_tokens - 1 + max_chunk)
+    pages = pages_for(num_prompt_tokens, page_size)
+    sink = min(pages_for(sink_tokens, page_size), pages)
+    ring = pages_for(local_tokens - 1 + max_chunk, page_size)
     return sink, min(ring, pages - sink)
 
 
