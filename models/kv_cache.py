@@ -463,4 +463,38 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
             for name, x in (("sk", k), ("sv", v)):
                 x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
                 arrays[name] = write_layer(arrays[name], pages, offsets, x)
+            arrays["sk"], arrays["sv"] = restore_stream_pages(
+                cache, slots, positions[:, 0], lengths, valid[:, 0], arrays["sk"],
+                arrays["sv"], layout)
     return cache.replace_layer(layer, **arrays)
+
+
+def restore_stream_pages(cache: KVCache, slots: jax.Array, starts: jax.Array,
+                         lengths: jax.Array, active: jax.Array, sk: jax.Array, sv: jax.Array,
+                         layout: StreamingLayout) -> tuple[jax.Array, jax.Array]:
+    """Copy into each slot's decode sink and ring the keys and values of positions before its
+    chunk, from the slot's prefill window pages (`KVCache.window_table`), where the window
+    holds them.
+
+    slots, starts, lengths, active [B]: the chunk of an active row covers [starts, lengths).
+    sk, sv: the layer's streaming pools with the chunk already written. After a prefix hit
+    the slot's decode pages hold nothing of the shared prefix, and this is what fills them; a
+    chunk that continues its own prefill rewrites what its earlier chunks stored there, with
+    the same values (both are copies of the same keys).
+    """
+    s = cache.page_size
+    held, _ = streaming_pool.slot_positions(layout, lengths)  # [B, P, S], -1: empty
+    table = cache.window_table[slots]  # [B, W]
+    col = jnp.clip(held // s, 0, table.shape[1] - 1)
+    src = jnp.take_along_axis(table, col.reshape(col.shape[0], -1), axis=1).reshape(col.shape)
+    take = (active[:, None, None] & (held >= 0) & (held < starts[:, None, None])
+            & (src != NULL_PAGE))
+    src = jnp.where(take, src, NULL_PAGE)
+    dst = jnp.where(take, cache.stream_table[slots][:, :, None], NULL_PAGE)
+    src_off = jnp.where(take, held % s, 0)
+    dst_off = jnp.broadcast_to(jnp.arange(s), held.shape)
+    out = []
+    for pool in (sk, sv):
+        x = jnp.where(take[None, ..., None], pool[:, src, src_off], 0)  # [H, B, P, S, D]
+        out.append(pool.at[:, dst, dst_off].set(x))
+    return out[0], out[1]

@@ -115,6 +115,40 @@ def test_chunked_prefill_equals_one_shot(params, attention, size, fresh_first):
     np.testing.assert_array_equal(chunk_tokens, tokens)
 
 
+@pytest.mark.parametrize("attention", [DENSE, STREAMING], ids=["dense", "lserve-streaming"])
+@pytest.mark.parametrize("shared_pages", [2, 4])
+def test_a_chunk_after_shared_prefix_pages_equals_one_shot(params, attention, shared_pages):
+    """A prefix-cache hit at the device: slot 1 reads slot 0's first pages (and, with streaming
+    heads, their prefill window pages) instead of computing them, and prefills only the rest.
+    Its logits and greedy continuation equal a one-shot prefill: the chunk rebuilt slot 1's
+    decode sink and ring (4 + 8 tokens) from the shared window pages."""
+    rng = np.random.default_rng(shared_pages)
+    p0 = rng.integers(0, CONFIG.vocab_size, 23).tolist()
+    m = shared_pages * PAGES["page_size"]
+    p1 = p0[:m] + rng.integers(0, CONFIG.vocab_size, 9).tolist()
+    logits, tokens = _one_shot(params, [p0, p1], attention)
+    cache = _cache(attention, [len(p0), len(p1)])
+    batch = np.zeros((2, 32), np.int32)
+    batch[0, :len(p0)] = p0
+    cache, first = chunk(params, cache, jnp.asarray(batch), jnp.zeros(2, jnp.int32),
+                         jnp.array([len(p0), 0], jnp.int32), jnp.arange(2), config=CONFIG,
+                         attention=attention, fresh=True)
+    shared = dict(page_table=cache.page_table.at[1, :shared_pages].set(
+        cache.page_table[0, :shared_pages]))
+    if attention.has_streaming:
+        shared["window_table"] = cache.window_table.at[1, :shared_pages].set(
+            cache.window_table[0, :shared_pages])
+    cache = cache.replace(**shared)
+    batch = np.zeros((2, 32), np.int32)
+    batch[1, :len(p1) - m] = p1[m:]
+    cache, second = chunk(params, cache, jnp.asarray(batch), jnp.array([len(p0), m], jnp.int32),
+                          jnp.array([0, len(p1) - m], jnp.int32), jnp.arange(2), config=CONFIG,
+                          attention=attention)
+    last = jnp.stack([first[0], second[1]])
+    np.testing.assert_allclose(np.asarray(last), np.asarray(logits), atol=2e-4, rtol=2e-4)
+    np.testing.assert_array_equal(_continue(params, cache, last, attention), tokens)
+
+
 def test_a_zero_token_chunk_leaves_its_row_alone(params):
     cache = _cache(DENSE, [6, 6])
     tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6))

@@ -228,8 +228,12 @@ def test_freed_pages_poisoned_with_nan_change_nothing(ckpt, pattern, mode):
     assert all(final[i].finish_reason == "length" for i in final)
 
 
-@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads"])
+@pytest.mark.parametrize("mode", ["dense", "lserve-dense-heads", "lserve"])
 def test_prefix_caching_reuses_pages_and_keeps_tokens(ckpt, pattern, mode):
+    """A second request on a cached 40-token prefix prefills only its own tokens and produces
+    the tokens it produces without the cache. With streaming heads (Λ window of 32 tokens,
+    decode sink 8 and ring 24) the hit shares their window pages too, and the chunk after it
+    rebuilds the decode sink and ring from them."""
     rng = np.random.default_rng(5)
     shared = random_prompt(rng, 40)  # 5 full pages of 8
     a, b = shared + random_prompt(rng, 7), shared + random_prompt(rng, 12)
@@ -238,6 +242,7 @@ def test_prefix_caching_reuses_pages_and_keeps_tokens(ckpt, pattern, mode):
     expected = alone(cold, b, sp)
     engine = make_engine(ckpt, pattern, mode)
     alone(engine, a, sp)
+    alone(engine, random_prompt(rng, 47), sp)  # slot 0's own pages now hold other tokens
     before = engine.counters["prefill_tokens"]
     rid = engine.add_request(None, b, sp)
     out = engine.run_until_done([rid])[rid]
@@ -245,11 +250,11 @@ def test_prefix_caching_reuses_pages_and_keeps_tokens(ckpt, pattern, mode):
     assert out.metrics.num_prefix_hit_tokens == 40
     assert engine.counters["prefill_tokens"] - before == len(b) - 40
     assert engine.stats()["prefix_hit_tokens"] >= 40
-
-
-def test_streaming_heads_turn_prefix_caching_off(ckpt, pattern):
-    engine = make_engine(ckpt, pattern, "lserve")
-    assert engine.streaming and not engine.enable_prefix_caching
+    if engine.streaming:  # b ran in slot 0 of both engines: its decode sink and ring agree
+        for hot, ref in zip(engine.cache.sk, cold.cache.sk):
+            pages = np.asarray(engine.cache.stream_table[0])
+            np.testing.assert_allclose(np.asarray(hot[:, pages]), np.asarray(ref[:, pages]),
+                                       atol=1e-5)
 
 
 def test_bad_requests_are_refused_and_running_ones_go_on(ckpt, pattern):

@@ -80,33 +80,59 @@ class FakeDevice:
         self.slot_state = {}  # slot -> [request object, stored length]
         if sched.window is not None:
             self.wkv = np.full((sched.window.pool.num_pages, self.pool.page_size), -1, np.int64)
+            self.ring = {}  # slot -> {position: token} of the slot's decode sink and ring
+
+    def _decode_held(self, length):
+        """Positions a slot's decode sink and ring hold after `length` tokens: modelled as
+        large as the window allows (the engine's window covers the decode pool's span)."""
+        w = self.sched.window
+        return {q for q in range(length) if q < w.sink_tokens or q > length - w.local_tokens}
 
     def _window(self, row, r):
-        """Check the window keys the row's chunk reads, then store the chunk's window keys."""
-        w, ps = self.sched.window, self.pool.page_size
+        """Store the chunk's window keys, check the window keys the chunk reads, and model the
+        slot's decode sink and ring (a chunk restores its entries before `start` from the
+        window, as `kv_cache.restore_stream_pages` does)."""
+        w, ps, wpool = self.sched.window, self.pool.page_size, self.sched.window.pool
         end = row.start + len(row.token_ids)
+        if row.admitted:
+            self.ring[row.slot] = {}
+        ring = self.ring.setdefault(row.slot, {})
         if row.start >= row.num_prompt_tokens:
             assert not row.window_pages, "a decode row has a window table"
+            ring[row.start] = row.token_ids[0]
             return
         if row.start > 0:
-            assert row.window_pages, "a continuing prompt chunk has no window table"
-        if not row.window_pages:
-            return
-        assert len(row.window_pages) == cdiv(end, ps)
-        if end < row.num_prompt_tokens:  # the next chunk reads these; stored before reading
-            for i, tok in enumerate(row.token_ids):
+            assert row.window_pages, "a chunk after cached tokens has no window table"
+        if row.window_pages:
+            assert len(row.window_pages) == cdiv(end, ps)
+            if r is not None:
+                owned = set(r.window_pages.values())
+                assert all(p in owned for p in row.window_pages if p != NULL_PAGE)
+            for i, tok in enumerate(row.token_ids):  # stored before the layer attends
                 page = row.window_pages[(row.start + i) // ps]
-                assert page != NULL_PAGE
+                assert page != NULL_PAGE, "a chunk token has no window page"
+                if r is not None:
+                    assert wpool.refcount(page) == 1, f"write into shared window page {page}"
+                    assert wpool.page_hash(page) is None, f"write into cached window page {page}"
                 self.wkv[page, (row.start + i) % ps] = tok
-        if r is not None:
-            owned = set(r.window_pages)
-            assert all(p in owned for p in row.window_pages if p != NULL_PAGE)
-            tokens = r.all_token_ids
-            for j in range(row.start):
-                if j < w.sink_tokens or j > row.start - w.local_tokens:
-                    page = row.window_pages[j // ps]
-                    assert page != NULL_PAGE, f"window key {j} of {row.request_id} unmapped"
-                    assert self.wkv[page, j % ps] == tokens[j], f"window key {j} is stale"
+            if r is not None:
+                tokens = r.all_token_ids
+                for j in range(row.start):
+                    if j < w.sink_tokens or j > row.start - w.local_tokens:
+                        page = row.window_pages[j // ps]
+                        assert page != NULL_PAGE, f"window key {j} of {row.request_id} unmapped"
+                        assert self.wkv[page, j % ps] == tokens[j], f"window key {j} is stale"
+            for q in self._decode_held(end):
+                if q < row.start and row.window_pages[q // ps] != NULL_PAGE:
+                    ring[q] = int(self.wkv[row.window_pages[q // ps], q % ps])
+        for i, tok in enumerate(row.token_ids):
+            ring[row.start + i] = tok
+
+    def _check_ring(self, row, ctx):
+        """The slot's decode sink and ring hold exactly the context's tokens they should."""
+        ring = self.ring[row.slot]
+        for q in self._decode_held(len(ctx)):
+            assert ring.get(q) == ctx[q], f"{row.request_id}: decode ring position {q} wrong"
 
     def _live(self, row):
         try:
@@ -151,6 +177,8 @@ class FakeDevice:
             ctx = [int(self.kv[row.pages[p // ps], p % ps]) for p in range(end)]
             if r is not None:
                 assert ctx == r.all_token_ids, f"request {row.request_id} reads a wrong context"
+                if self.sched.window is not None:
+                    self._check_ring(row, ctx)
             toks = []
             while True:  # a row of several decode steps feeds its own samples back
                 toks.append(fake_token(row.request_id, ctx))
@@ -166,6 +194,8 @@ class FakeDevice:
                     assert self.pool.refcount(page) == 1 and self.pool.page_hash(page) is None
                 self.kv[page, pos % ps] = toks[-1]
                 ctx.append(toks[-1])
+                if self.sched.window is not None:
+                    self.ring[row.slot][pos] = toks[-1]
             assert row.num_steps == 1 or (row.is_decode and row.sample)
             if r is not None:
                 self.slot_state[row.slot][1] = len(ctx)
@@ -203,13 +233,18 @@ def check_state(sched: Scheduler, *, after_update=True):
     if sched.window is not None:
         wpool = sched.window.pool
         wpool.check_invariants()
-        held = [p for r in sched.running for p in r.window_pages]
-        assert len(held) == len(set(held)), "a window page held twice"
-        assert wpool.num_free == wpool.num_usable_pages - len(held), "window pages leaked"
+        wholders = collections.Counter(p for r in sched.running for p in r.window_pages.values())
+        for page in range(1, wpool.num_pages):
+            assert wpool.refcount(page) == wholders[page], f"window page {page}: refcount"
+            if wholders[page] > 1:
+                assert wpool.page_hash(page) is not None, f"window page {page} shared, uncached"
+        assert sched._window_reserved == sum(r.window_quota for r in sched.running)
+        assert sched._window_reserved <= wpool.num_usable_pages
         for r in sched.running:
+            assert len(r.window_pages) <= r.window_quota, "more window pages than the quota"
             if after_update and r.num_computed_tokens >= len(r.prompt_ids):
-                assert not r.window_pages, "window pages kept after the prompt"
-        assert not any(r.window_pages for r in sched.waiting)
+                assert not r.window_pages and not r.window_quota, "window kept after the prompt"
+        assert not any(r.window_pages or r.window_quota for r in sched.waiting)
     live = {r.request_id for r in sched.running} | {r.request_id for r in sched.waiting}
     assert live == set(sched._live)
     assert len(live) == len(sched.running) + len(sched.waiting)
@@ -763,27 +798,47 @@ def test_engine_modules_do_not_import_jax():
 @settings(max_examples=300, deadline=None)
 @given(ps=st.sampled_from([1, 2, 4, 8]), sink=st.integers(0, 20), local=st.integers(1, 40),
        max_chunk=st.integers(1, 24), prompt=st.integers(1, 160), data=st.data())
-def test_prefill_window_table_keeps_every_visible_key(ps, sink, local, max_chunk, prompt, data):
-    """Chunks of random sizes through one request's reserved window pages: every key a chunk's
-    streaming heads see (j < sink or j > start - local) is where the table says, written by an
-    earlier chunk and not overwritten since; the reservation is as small as the ring allows."""
+def test_prefill_window_keeps_every_visible_key_within_its_quota(ps, sink, local, max_chunk,
+                                                                  prompt, data):
+    """Chunks of random sizes through one prompt's window by the scheduler's rule (take the
+    chunk's columns, read, drop the columns `keeps` lets go): every key a chunk's streaming
+    heads see (j < sink or j > start - local) is in a column still held, and the held columns
+    never exceed the quota."""
     w = PrefillWindow(PagePool(400, ps), sink_tokens=sink, local_tokens=local)
-    num_sink, ring = w.shape(prompt, max_chunk)
-    reserved = list(range(1, 1 + num_sink + ring))
-    held = {}  # (page, offset) -> position stored there
-    start = 0
+    quota = w.quota(prompt, max_chunk)
+    held, start = set(), 0
     while start < prompt:
         end = start + data.draw(st.integers(1, min(max_chunk, prompt - start)))
-        table = w.table(reserved, prompt, max_chunk, start, end)
-        assert len(table) == cdiv(end, ps)
-        if end < prompt:  # the device stores a layer's chunk before it attends
-            for j in range(start, end):
-                held[(table[j // ps], j % ps)] = j
-        for j in range(start):
-            if j < sink or j > start - local:
-                page = table[j // ps]
-                assert page != NULL_PAGE and held.get((page, j % ps)) == j, (start, end, j)
+        held |= set(range(start // ps, cdiv(end, ps)))
+        assert len(held) <= quota
+        seen = {j // ps for j in range(start) if j < sink or j > start - local}
+        assert seen <= held and set(w.read_columns(start)) == seen, (start, end)
+        held = {c for c in held if w.keeps(c, end)}
         start = end
+
+
+@settings(max_examples=200, deadline=None)
+@given(ps=st.sampled_from([1, 2, 4]), sink=st.integers(0, 9), local=st.integers(1, 20),
+       cached=st.lists(st.booleans(), min_size=1, max_size=24))
+def test_window_prefix_match_is_the_longest_with_its_window_cached(ps, sink, local, cached):
+    """A prefix hit of k pages needs the window pages of the columns a chunk at k * ps reads;
+    with an arbitrary set of columns' window pages cached, the hit is shortened to the longest
+    k for which all of them are (brute force over every k), and those pages are returned."""
+    n = len(cached)
+    prompt = list(range(1, n * ps + 2))
+    window = PrefillWindow(PagePool(n + 2, ps), sink_tokens=sink, local_tokens=local)
+    s = Scheduler(PagePool(n + 4, ps), max_num_seqs=1, max_num_batched_tokens=4,
+                  max_model_len=len(prompt) + 4, replay_outputs=True, window=window)
+    r = req("r", prompt)
+    s._extend_hashes(r, n)
+    pages = window.pool.allocate(n)
+    window.pool.cache_pages([p for p, c in zip(pages, cached) if c],
+                            [h for h, c in zip(r.block_hashes, cached) if c])
+    window.pool.free(pages)
+    best = max(k for k in range(n + 1) if all(cached[c] for c in window.read_columns(k * ps)))
+    matched, hit = s._window_match(r, list(range(100, 100 + n)))
+    assert matched == list(range(100, 100 + best))
+    assert hit == {c: pages[c] for c in window.read_columns(best * ps)}
 
 
 # ------------------------------------------------------------------------ property tests
@@ -810,8 +865,9 @@ config = st.fixed_dictionaries({
     "caching": st.sampled_from([True, True, True, False]),
     # plain; generated tokens replayed one per step (LServe); replay with a prefill window
     # (sink, local tokens) and no prefix caching (LServe with streaming heads)
-    "mode": st.sampled_from(["plain", "plain", "replay", "window"]),
+    "mode": st.sampled_from(["plain", "plain", "replay", "window", "window"]),
     "window": st.tuples(st.integers(0, 6), st.integers(1, 12)),
+    "window_factor": st.sampled_from([1, 1, 2, 4]),  # window pool, in requests' quotas
     "decode_steps": st.sampled_from([1, 1, 3]),
     "long_prefill": st.sampled_from([0, 0, 1, 3]),  # chunk cap while others wait
 })
@@ -830,13 +886,15 @@ def build(cfg, specs):
     window = None
     if cfg["mode"] == "window":
         sink, local = cfg["window"]
-        # Room for about one request's window, so admission sometimes waits for window pages.
-        wpages = 1 + cdiv(sink, ps) + cdiv(local - 1 + budget, ps) + 1
-        window = PrefillWindow(PagePool(wpages, ps), sink_tokens=sink, local_tokens=local)
+        # Room for about one to four requests' windows: admission sometimes waits for window
+        # pages, and cached window pages are sometimes evicted.
+        quota = cdiv(sink, ps) + cdiv(local - 1 + budget, ps) + 1
+        window = PrefillWindow(PagePool(1 + quota * cfg["window_factor"], ps), sink_tokens=sink,
+                               local_tokens=local)
     s = Scheduler(PagePool(num_pages, ps), max_num_seqs=cfg["seqs"],
                   max_num_batched_tokens=budget, max_model_len=cfg["max_len"],
                   extra=("test", cfg["ps"]),
-                  enable_prefix_caching=cfg["caching"] and window is None,
+                  enable_prefix_caching=cfg["caching"],
                   replay_outputs=cfg["mode"] != "plain", window=window,
                   long_prefill_token_threshold=cfg["long_prefill"])
     arrivals, aborts, never_fit = collections.defaultdict(list), collections.defaultdict(list), []
@@ -869,19 +927,28 @@ def test_random_serving_keeps_invariants_and_outputs(cfg, specs):
     event(f"evicted: {s.pool.num_evictions > 0}")
     event(f"aborted: {any(r.status is RequestStatus.FINISHED_ABORTED for r in done.values())}")
     event(f"mode: {cfg['mode']}")
+    event(f"window prefix hit: {cfg['mode'] == 'window' and hits > 0}")
     event(f"multi-step rows: {any(r.num_steps > 1 for p in plans for r in p.rows)}")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), n=st.integers(4, 10), ps=st.sampled_from([1, 2, 4]))
-def test_tight_pool_with_shared_prefixes_preempts_and_hits(data, n, ps):
+@given(data=st.data(), n=st.integers(4, 10), ps=st.sampled_from([1, 2, 4]),
+       window=st.sampled_from([None, (2, 3), (4, 6), (0, 9)]))
+def test_tight_pool_with_shared_prefixes_preempts_and_hits(data, n, ps, window):
     """Many requests on one shared prefix and a pool that fits only about two of them: every
-    example exercises preemption and prefix hits, and outputs still match runs alone."""
+    example exercises preemption and prefix hits, and outputs still match runs alone; with a
+    prefill window (streaming heads), hits share window pages and the fake device checks that
+    every chunk reads its window keys and that every slot's decode sink and ring are whole."""
     max_tokens = data.draw(st.integers(4, 10))
     prompt_len = data.draw(st.integers(2 * ps + 1, 16))
     need = cdiv(prompt_len + max_tokens - 1, ps)
+    win = None
+    if window is not None:
+        sink, local = window
+        win = PrefillWindow(PagePool(1 + 3 * (cdiv(sink, ps) + cdiv(local + 7, ps) + 1), ps),
+                            sink_tokens=sink, local_tokens=local)
     s = Scheduler(PagePool(need + need // 2 + 1, ps), max_num_seqs=4, max_num_batched_tokens=8,
-                  max_model_len=64)
+                  max_model_len=64, replay_outputs=win is not None, window=win)
     base = [int(t) for t in BASES[0][:prompt_len]]
     arrivals = collections.defaultdict(list)
     for i in range(n):

@@ -14,10 +14,12 @@ decided here, on the host, from each call's sampled tokens.
 
 LServe mode: generated tokens are always computed by decode steps, also when a preempted request
 recomputes them (`replay_outputs`), so recompute reproduces the selection and ring reads of the
-uninterrupted run. With streaming heads, a prompt prefilled in several chunks keeps its
-streaming heads' sink and last `ctx_local_tokens` keys in prefill window pages until its prefill
-ends (`scheduler.PrefillWindow`), and the prefix cache is off (a hit would have to restore the
-streaming heads' window, sink and ring, which are per sequence).
+uninterrupted run. With streaming heads, a prompt keeps its streaming heads' sink and last
+`ctx_local_tokens` keys in prefill window pages, one per page-table column, until its prefill
+ends (`scheduler.PrefillWindow`). The prefix cache shares the dense heads' pages (with their key
+statistics) and the streaming heads' window pages of the same tokens; a hit's first chunk
+rebuilds the slot's decode sink and ring from the shared window pages, so a request that hits
+produces the tokens it produces alone (docs/design.md §6).
 
 Prefill calls whose rows all start at position 0 run as `fresh` chunks: attention within the
 chunk, as a whole prompt (the sparse prefill kernel on a GPU; on the CPU its blockwise reference,
@@ -41,7 +43,7 @@ import numpy as np
 from lserve_jax import head_pattern, inputs
 from lserve_jax.engine import device
 from lserve_jax.engine.pages import PagePool
-from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_shape
+from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_quota
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
@@ -197,7 +199,7 @@ class Engine:
     context); the pool has `num_pages` pages or as many as `kv_cache_memory_gb` holds (default:
     on a GPU 90% of its memory minus the weights, on the CPU 1 GiB, never more than
     `max_num_seqs` full-length requests need). `enable_prefix_caching` shares full pages of
-    identical prompt prefixes (off for layers with streaming heads, see the module docstring).
+    identical prompt prefixes (with streaming heads too, see the module docstring).
     `num_scheduler_steps`: decode steps per device call while no request waits (the host reads
     tokens back once per call; a request arriving meanwhile waits for the call to end).
     `long_prefill_token_threshold`: while requests wait, a prompt chunk takes at most this many
@@ -254,14 +256,16 @@ class Engine:
         self.max_pages_per_seq = -(-self.max_model_len // page_size)
         window = None
         if self.streaming:
-            # Room for two long prompts' prefill windows at once (window pages are held only
-            # while a prompt is prefilled in several chunks).
-            worst = sum(window_shape(page_size, self.sparsity.ctx_sink_tokens,
-                                     self.sparsity.ctx_local_tokens, self.max_model_len,
-                                     max_num_batched_tokens))
-            window = PrefillWindow(PagePool(1 + 2 * worst, page_size),
-                                   sink_tokens=self.sparsity.ctx_sink_tokens,
-                                   local_tokens=self.sparsity.ctx_local_tokens)
+            # The window keeps what a later chunk reads (the Λ mask's sink and local keys) and
+            # what a chunk after a prefix hit restores the decode sink and ring from. Room for
+            # two longest prompts' windows at once (held only while a prompt is prefilled).
+            s = self.sparsity
+            sink = max(s.ctx_sink_tokens, s.dec_sink_tokens)
+            local = max(s.ctx_local_tokens, s.streaming_layout.num_ring_pages * page_size + 1)
+            worst = window_quota(page_size, sink, local, self.max_model_len,
+                                 max_num_batched_tokens)
+            window = PrefillWindow(PagePool(1 + 2 * worst, page_size), sink_tokens=sink,
+                                   local_tokens=local)
         spec = self._spec(self.attention, num_pages=2,
                           num_window_pages=window.pool.num_pages - 1 if window else 0)
         if num_pages is None:
@@ -272,10 +276,7 @@ class Engine:
         self._log_capacity()
         self.cache = kv_cache.init_cache(self.spec)
         self.pool = PagePool(num_pages, page_size)
-        self.enable_prefix_caching = bool(enable_prefix_caching) and not self.streaming
-        if enable_prefix_caching and self.streaming:
-            log.info("prefix caching is off: layers with streaming heads keep their sink and "
-                     "ring per sequence")
+        self.enable_prefix_caching = bool(enable_prefix_caching)
         lserve = attention == "lserve"
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -430,7 +431,10 @@ class Engine:
 
     def reset_prefix_cache(self) -> int:
         """Forget the prefix cache's pages that no running request holds (for example before
-        a measurement that must not hit earlier prompts); returns how many."""
+        a measurement that must not hit earlier prompts), the streaming heads' window pages
+        too; returns how many pages of the main pool."""
+        if self.scheduler.window is not None:
+            self.scheduler.window.pool.reset_prefix_cache()
         return self.pool.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:

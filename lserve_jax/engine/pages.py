@@ -333,20 +333,30 @@ class PagePool:
             return n
         hashes = [] if hashes is None else hashes
         self.extend_hashes(hashes, token_ids, extra, max_pages=n)
-        todo = list(zip(pages[num_cached_already:n], hashes[num_cached_already:n]))
+        self.cache_pages(pages[num_cached_already:n], hashes[num_cached_already:n])
+        return n
+
+    def cache_pages(self, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Register held pages under their block hashes (pages[i] under hashes[i]): a page
+        already registered under its hash is left as it is; one whose hash another page holds
+        stays uncached (the first copy wins). A page nobody holds, or one cached under
+        another hash, raises ValueError and nothing changes."""
+        todo = list(zip(pages, hashes, strict=True))
         for page, h in todo:
-            self._check_page(page, "cache_full_pages")
+            self._check_page(page, "cache_pages")
             if page == NULL_PAGE or self._refcount[page] == 0:
-                raise ValueError(f"cache_full_pages: page {page} is not held by the sequence")
+                raise ValueError(f"cache_pages: page {page} is not held by the sequence")
             old = self._hash_of.get(page)
             if old is not None and old != h:
-                raise ValueError(f"cache_full_pages: page {page} is already cached with "
-                                 "another hash")
+                raise ValueError(f"cache_pages: page {page} is already cached with another hash")
         for page, h in todo:
             if page not in self._hash_of and h not in self._page_of:
                 self._page_of[h] = page
                 self._hash_of[page] = h
-        return n
+
+    def cached_page(self, block_hash: bytes) -> int | None:
+        """The page registered under `block_hash`, or None; changes nothing."""
+        return self._page_of.get(block_hash)
 
     # ---------------------------------------------------------------------- checks
     def check_invariants(self) -> None:

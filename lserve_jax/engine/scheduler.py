@@ -54,24 +54,32 @@ Prefix caching. At admission the longest cached chain of full pages of the reque
 matched (never the whole sequence: the last token is computed for its logits); those pages are
 shared read-only, and num_computed starts at the matched length. After each step, the pages that
 became full (all their tokens known and computed: prompt or generated) are registered. `extra`
-keys the cache by configuration. Caveat for LServe: streaming heads keep their sink and ring in
-per-slot pages outside the page table (models/streaming_pool.py), which a prefix hit does not
-restore; with streaming heads, construct the scheduler with enable_prefix_caching=False (dense
-pages, including their key statistics, are fully described by the shared pages).
+keys the cache by configuration.
 
 Prefill window (`PrefillWindow`, LServe's streaming heads). A streaming head's prefill query at
-position i sees keys j < sink_tokens and i - local_tokens < j <= i (the Λ mask), but its decode
-pool keeps only a short sink and ring. While a prompt is prefilled in several chunks, its
-streaming heads also keep the keys a later chunk will see in pages of a second pool, the window
-pool: at admission a request whose prompt does not finish in that step reserves a fixed set of
-window pages, `sink_pages` for the columns holding tokens < sink_tokens and a ring of
-ceil((local - 1 + max chunk) / page_size) pages for the rest, which column c >= sink_pages uses
-as ring[(c - sink_pages) % len(ring)]. A chunk [start, end) stores [start, end) (unless it ends
-the prompt) and reads keys in [0, sink) and [start - local + 1, start); two positions of that
-range are fewer than len(ring) * page_size apart, so none of them shares a slot with another,
-nor with a position a later chunk stores before this one's keys are last read. The pages go back
-when the prompt is done (or the request is released). `ScheduledRow.window_pages` is the row's
-column -> window page table.
+position i sees keys j < sink and i - local < j <= i (the Λ mask), but its decode pool keeps
+only a short sink and ring per slot (models/streaming_pool.py). So while a prompt is prefilled,
+its streaming heads also store their keys in pages of a second pool, the window pool, one page
+per page-table column (`Request.window_pages`, column -> page; `ScheduledRow.window_pages` is
+the row's column -> page table, NULL_PAGE where nothing is held). A chunk starting at `start`
+reads the columns of keys [0, sink_tokens) and [start - local_tokens + 1, start)
+(`PrefillWindow.read_columns`) and writes its own; after each step the columns no later chunk
+reads go back to the window pool, and all of them when the prompt is done. The window is taken
+for a prompt that does not finish in its first step, and with prefix caching for every prompt
+(so its pages can be cached). At admission a request reserves `PrefillWindow.quota` pages (the
+sink's, plus the columns that a chunk of up to max_num_batched_tokens tokens and the
+local_tokens - 1 keys before it overlap) and is admitted only while the running requests'
+quotas fit the window pool; a request never holds more than its quota and evictable cached
+pages can always be taken back, so allocating a chunk's window pages never fails.
+
+Prefix caching with a prefill window. Full prompt columns' window pages are registered under the
+same block hashes as the main pool's pages and evicted by the same LRU rule, in their own pool.
+A hit of m tokens needs the window columns a chunk starting at m reads, so it is shortened to
+the longest one whose window columns are all still cached; those window pages are shared
+read-only. The sink and ring of the decode pool are rebuilt by the chunk at m itself: the
+engine's window holds [0, max(ctx, dec sink)) and at least the decode ring's span before m, and
+a chunk copies the decode pool's entries before its start from the window (`write_tokens`). A
+hit therefore always leaves a prompt token to a chunk (at most (prompt - 1) // page_size pages).
 
 Slots. A running request holds a slot, a row index in [0, max_num_seqs) of the device page
 table, assigned at admission (lowest free slot) and freed at finish, abort or preemption; the
@@ -142,7 +150,9 @@ class Request:
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     num_cached_pages: int = 0  # leading pages already handed to cache_full_pages
-    window_pages: list[int] = dataclasses.field(default_factory=list)  # prefill window pool
+    window_pages: dict[int, int] = dataclasses.field(default_factory=dict)  # column -> window page
+    window_quota: int = 0  # window pages reserved for the request's prefill (PrefillWindow.quota)
+    num_window_cached: int = 0  # leading columns whose window pages were handed to the cache
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # memo of page hashes
     _admitted_once: bool = dataclasses.field(default=False, init=False, repr=False)
 
@@ -253,7 +263,8 @@ class StepPlan:
 @dataclasses.dataclass(frozen=True)
 class PrefillWindow:
     """The streaming heads' prefill window (see the module docstring): its page pool (of the
-    same page size as the main pool) and the Λ mask's `sink_tokens` and `local_tokens`."""
+    same page size as the main pool), and the keys it keeps for later chunks: [0, sink_tokens)
+    and, for a chunk starting at `start`, [start - local_tokens + 1, start)."""
 
     pool: PagePool
     sink_tokens: int
@@ -267,39 +278,43 @@ class PrefillWindow:
         if self.local_tokens < 1:
             raise ValueError(f"PrefillWindow.local_tokens={self.local_tokens} must be >= 1")
 
-    def shape(self, num_prompt_tokens: int, max_chunk: int) -> tuple[int, int]:
-        """(sink pages, ring pages) a prompt of `num_prompt_tokens` reserves when its chunks
-        are at most `max_chunk` tokens long."""
-        return window_shape(self.pool.page_size, self.sink_tokens, self.local_tokens,
+    @property
+    def sink_pages(self) -> int:
+        """Columns holding the sink tokens (kept for the whole prefill)."""
+        return self.pool.pages_for(self.sink_tokens)
+
+    def quota(self, num_prompt_tokens: int, max_chunk: int) -> int:
+        """Most window pages a prompt holds at once when its chunks are at most `max_chunk`
+        tokens (`window_quota`)."""
+        return window_quota(self.pool.page_size, self.sink_tokens, self.local_tokens,
                             num_prompt_tokens, max_chunk)
 
-    def table(self, reserved: Sequence[int], num_prompt_tokens: int, max_chunk: int,
-              start: int, end: int) -> tuple[int, ...]:
-        """The column -> page table of a chunk [start, end) over the request's `reserved`
-        pages: columns with tokens in [0, sink) or [start - local + 1, hi), hi = start for the
-        chunk that ends the prompt and end otherwise; NULL_PAGE elsewhere."""
-        ps = self.pool.page_size
-        sink, ring = self.shape(num_prompt_tokens, max_chunk)
-        hi = start if end >= num_prompt_tokens else end
-        lo = max(0, start - self.local_tokens + 1)
-        columns = np.arange(self.pool.pages_for(end))
-        first = columns * ps
-        seen = (first < hi) & ((columns < sink) | (first + ps > lo))
-        slot = np.where(columns < sink, columns, sink + (columns - sink) % max(ring, 1))
-        out = np.full(len(columns), NULL_PAGE, np.int64)
-        out[seen] = np.asarray(reserved, np.int64)[slot[seen]]
-        return tuple(out.tolist())
+    def first_kept(self, start: int) -> int:
+        """The first column past the sink that a chunk starting at `start` reads: the one
+        holding key start - local_tokens + 1."""
+        return max(self.sink_pages, max(start - self.local_tokens + 1, 0) // self.pool.page_size)
+
+    def read_columns(self, start: int) -> list[int]:
+        """The columns holding keys a chunk starting at `start` reads: the sink's, then the
+        window's."""
+        sink = self.pool.pages_for(min(self.sink_tokens, start))
+        if start - self.local_tokens + 1 >= start:
+            return list(range(sink))
+        return list(range(sink)) + list(range(self.first_kept(start), self.pool.pages_for(start)))
+
+    def keeps(self, column: int, start: int) -> bool:
+        """Whether a chunk starting at `start` (or a later one) may still read `column`."""
+        return column < self.sink_pages or column >= self.first_kept(start)
 
 
-def window_shape(page_size: int, sink_tokens: int, local_tokens: int, num_prompt_tokens: int,
-                 max_chunk: int) -> tuple[int, int]:
-    """(sink pages, ring pages) of a prompt's prefill window: the pages of the first
-    `sink_tokens` tokens, and a ring holding the last `local_tokens - 1` keys before a chunk of
-    up to `max_chunk` tokens plus the chunk; at most the prompt's pages in all."""
+def window_quota(page_size: int, sink_tokens: int, local_tokens: int, num_prompt_tokens: int,
+                 max_chunk: int) -> int:
+    """Window pages a prompt holds at most at once: the sink's, and the columns that a chunk of
+    up to `max_chunk` tokens and the `local_tokens - 1` keys before it overlap; at most the
+    prompt's pages."""
     pages = pages_for(num_prompt_tokens, page_size)
     sink = min(pages_for(sink_tokens, page_size), pages)
-    ring = pages_for(local_tokens - 1 + max_chunk, page_size)
-    return sink, min(ring, pages - sink)
+    return min(sink + pages_for(local_tokens - 1 + max_chunk, page_size) + 1, pages)
 
 
 class Scheduler:
@@ -328,12 +343,11 @@ class Scheduler:
         if window is not None and window.pool.page_size != pool.page_size:
             raise ValueError(f"the window pool's page_size={window.pool.page_size} != the "
                              f"pool's {pool.page_size}")
-        if window is not None and (enable_prefix_caching or not replay_outputs):
-            # A prefix hit would skip the streaming heads' keys of the matched tokens, and a
-            # recompute that prefills generated tokens would run past the window's prompt.
-            raise ValueError("a prefill window needs replay_outputs=True and "
-                             "enable_prefix_caching=False")
+        if window is not None and not replay_outputs:
+            # A recompute that prefilled generated tokens would run past the window's prompt.
+            raise ValueError("a prefill window needs replay_outputs=True")
         self.window = window
+        self._window_reserved = 0  # sum of the running requests' window quotas
         if (isinstance(long_prefill_token_threshold, bool)
                 or not isinstance(long_prefill_token_threshold, numbers.Integral)
                 or long_prefill_token_threshold < 0):
@@ -411,7 +425,7 @@ class Scheduler:
                              f"pages of {self.pool.page_size}; the pool has only "
                              f"{self.pool.num_usable_pages}, so it could never run")
         if self.window is not None:
-            need = sum(self._window_shape(request))
+            need = self._window_quota(request)
             if need > self.window.pool.num_usable_pages:
                 raise ValueError(f"request {rid!r}: its prefill window needs {need} window "
                                  f"pages; the window pool has only "
@@ -422,15 +436,20 @@ class Scheduler:
         self._live[rid] = request
 
     # ------------------------------------------------------------------------ planning
-    def _window_shape(self, req: Request) -> tuple[int, int]:
-        return self.window.shape(len(req.prompt_ids), self.max_num_batched_tokens)
+    def _window_quota(self, req: Request) -> int:
+        return self.window.quota(len(req.prompt_ids), self.max_num_batched_tokens)
 
     def _row(self, req: Request, num_new: int, admitted: bool) -> ScheduledRow:
         start = req.num_computed_tokens
         window = ()
-        if req.window_pages:
-            window = self.window.table(req.window_pages, len(req.prompt_ids),
-                                       self.max_num_batched_tokens, start, start + num_new)
+        if req.window_quota:
+            # Window pages for the chunk's columns (within the quota: never fails, see the
+            # module docstring), then the column -> page table of every column up to its end.
+            ps, held = self.pool.page_size, req.window_pages
+            columns = pages_for(start + num_new, ps)
+            new = [c for c in range(start // ps, columns) if c not in held]
+            held.update(zip(new, self.window.pool.allocate(len(new))))
+            window = tuple(held.get(c, NULL_PAGE) for c in range(columns))
         return ScheduledRow(request_id=req.request_id, slot=req.slot, start=start,
                             token_ids=tuple(req.token_slice(start, start + num_new)),
                             sample=start + num_new == req.num_tokens, pages=tuple(req.pages),
@@ -438,9 +457,47 @@ class Scheduler:
                             num_prompt_tokens=len(req.prompt_ids), window_pages=window)
 
     def _free_window(self, req: Request) -> None:
-        if req.window_pages:
-            self.window.pool.free(req.window_pages)
-            req.window_pages = []
+        if req.window_quota:
+            self.window.pool.free(req.window_pages[c] for c in sorted(req.window_pages))
+            req.window_pages = {}
+            self._window_reserved -= req.window_quota
+            req.window_quota = 0
+
+    def _update_window(self, req: Request) -> None:
+        """After a step: cache the window pages of newly full prompt pages, then give back the
+        pages no later chunk reads (all of them once the prompt is done)."""
+        ps, computed = self.pool.page_size, req.num_computed_tokens
+        full = min(computed, len(req.prompt_ids)) // ps
+        if self.enable_prefix_caching and full > req.num_window_cached:
+            self._extend_hashes(req, full)
+            done = [c for c in range(req.num_window_cached, full) if c in req.window_pages]
+            self.window.pool.cache_pages([req.window_pages[c] for c in done],
+                                         [req.block_hashes[c] for c in done])
+            req.num_window_cached = full
+        if computed >= len(req.prompt_ids):
+            self._free_window(req)
+            return
+        gone = [c for c in sorted(req.window_pages) if not self.window.keeps(c, computed)]
+        self.window.pool.free(req.window_pages.pop(c) for c in gone)
+
+    def _window_match(self, req: Request, matched: list[int]) -> tuple[list[int], dict[int, int]]:
+        """Shorten a prefix hit to the longest one whose window columns are cached too (the
+        columns the next chunk reads: `PrefillWindow.read_columns`); returns (matched pages,
+        column -> cached window page)."""
+        ps, wpool = self.pool.page_size, self.window.pool
+        pages = [wpool.cached_page(h) for h in req.block_hashes[:len(matched)]]
+        missing_sink = next((c for c, p in enumerate(pages) if p is None), len(pages))
+        runs, run = [], 0  # runs[c]: cached columns in a row ending at column c
+        for p in pages:
+            run = run + 1 if p is not None else 0
+            runs.append(run)
+        k = len(matched)
+        while k:
+            lo = self.window.first_kept(k * ps)
+            if min(self.window.sink_pages, k) <= missing_sink and runs[k - 1] >= k - lo:
+                break
+            k -= 1
+        return matched[:k], {c: pages[c] for c in self.window.read_columns(k * ps)}
 
     def _tokens_left(self, req: Request, computed: int) -> int:
         """Tokens the request's next row computes at most (before the step's budget): the rest
@@ -478,6 +535,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_cached_pages = 0
+        req.num_window_cached = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -529,26 +587,35 @@ class Scheduler:
                 limit = PagePool.max_prefix_pages(ntok, ps)
                 if self.replay_outputs:  # generated tokens are replayed, never shared
                     limit = min(limit, len(req.prompt_ids) // ps)
+                if self.window is not None:  # a chunk restores the streaming heads' ring
+                    limit = min(limit, (len(req.prompt_ids) - 1) // ps)
                 self._extend_hashes(req, limit)
                 matched = pool.lookup(req.block_hashes[:limit])
+                if self.window is not None and matched:
+                    matched, window_hit = self._window_match(req, matched)
             computed = len(matched) * ps
             num_new = min(self._chunk(req, computed, len(self.waiting) - 1), budget)
             need = pool.pages_for(computed + num_new) - len(matched)
             if need > pool.num_free - sum(pool.refcount(p) == 0 for p in matched):
                 break  # FCFS: nobody overtakes the oldest waiting request
-            window_need = 0
-            if self.window is not None and computed + num_new < len(req.prompt_ids):
-                window_need = sum(self._window_shape(req))
-                if window_need > self.window.pool.num_free:
+            quota = 0
+            if self.window is not None and computed < len(req.prompt_ids) and (
+                    self.enable_prefix_caching or computed + num_new < len(req.prompt_ids)):
+                quota = self._window_quota(req)
+                if self._window_reserved + quota > self.window.pool.num_usable_pages:
                     break
             if self.enable_prefix_caching:
                 again = pool.match_prefix(req.token_slice(0, ntok), self.extra,
-                                          hashes=req.block_hashes, max_pages=limit)
+                                          hashes=req.block_hashes, max_pages=len(matched))
                 assert again == matched
             self.waiting.popleft()
             req.pages = matched + pool.allocate(need)
-            if window_need:
-                req.window_pages = self.window.pool.allocate(window_need)
+            if quota:
+                hit = window_hit if matched else {}
+                self.window.pool.touch(hit.values())
+                req.window_pages, req.window_quota = dict(hit), quota
+                req.num_window_cached = len(matched)
+                self._window_reserved += quota
             req.num_computed_tokens = computed
             req.num_cached_pages = len(matched)
             req.slot = heapq.heappop(self._free_slots)
@@ -631,8 +698,8 @@ class Scheduler:
                 toks = tokens[r.request_id]
                 req.num_computed_tokens += len(toks) - 1  # fed back within the call
                 req.output_ids.extend(toks)
-            if req.num_computed_tokens >= len(req.prompt_ids):
-                self._free_window(req)
+            if req.window_quota:
+                self._update_window(req)
             if self.enable_prefix_caching:
                 n = self._cacheable_tokens(req) // self.pool.page_size
                 if n > req.num_cached_pages:
