@@ -322,23 +322,43 @@ def _gather_keys(pool: jax.Array, table: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape(table.shape[0], pool.shape[0], -1, pool.shape[3])
 
 
+QUERY_BLOCK = 64  # chunk queries per block of `_softmax_attend` (scores stay cache-sized)
+
+
 def _softmax_attend(q: jax.Array, keys: jax.Array, values: jax.Array,
                     visible: jax.Array) -> jax.Array:
     """q [B, T, H, G, D]; keys, values [B, H, S, D]; visible [B, T, S] -> [B, T, H, G, D] f32.
-    Rows with nothing visible get zeros; values of keys no query sees are zeroed first (a zero
-    weight times a stale NaN would be NaN)."""
-    d = q.shape[-1]
-    seen = jnp.any(visible, axis=1)  # [B, S]
-    values = jnp.where(seen[:, None, :, None], values, jnp.zeros_like(values))
-    scores = jnp.einsum("bthgd,bhsd->bhgts", q.astype(jnp.float32), keys.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.where(visible[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
-    out = jnp.einsum("bhgts,bhsd->bthgd", p, values.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-    denom = jnp.moveaxis(jnp.sum(p, axis=-1), -1, 1)  # [B, T, H, G]
-    return out / jnp.where(denom == 0, 1.0, denom)[..., None]
+    Rows with nothing visible get zeros; values of keys no query of a block sees are zeroed
+    first (a zero weight times a stale NaN would be NaN). Queries go in blocks of QUERY_BLOCK
+    (`lax.map`), so one block's scores stay in the CPU's caches: about 3x faster on the CPU
+    than scoring the whole chunk at once."""
+    b, t, h, g, d = q.shape
+    block = QUERY_BLOCK if t % QUERY_BLOCK == 0 else t
+    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
+    batch_dims = ((0, 1), (0, 1))
+
+    def attend(q, visible):  # q [B, t, H, G, D], visible [B, t, S]
+        n = q.shape[1]
+        qh = jnp.moveaxis(q.astype(jnp.float32), 1, 3).reshape(b, h, g * n, d) / np.sqrt(d)
+        scores = jax.lax.dot_general(qh, keys, (((3,), (3,)), batch_dims),
+                                     precision=jax.lax.Precision.HIGHEST)
+        scores = scores.reshape(b, h, g, n, -1) + jnp.where(visible, 0.0, -jnp.inf)[:, None, None]
+        m = jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(scores - jnp.where(m == -jnp.inf, 0.0, m))  # 0 where not visible
+        seen = jnp.any(visible, axis=1)  # [B, S]
+        vals = jnp.where(seen[:, None, :, None], values, 0.0)
+        out = jax.lax.dot_general(p.reshape(b, h, g * n, -1), vals, (((3,), (2,)), batch_dims),
+                                  precision=jax.lax.Precision.HIGHEST).reshape(b, h, g, n, d)
+        denom = jnp.sum(p, axis=-1)[..., None]
+        return jnp.moveaxis(out / jnp.where(denom == 0, 1.0, denom), 3, 1)
+
+    if block == t:
+        return attend(q, visible)
+    nb = t // block
+    blocks = (q.reshape(b, nb, block, h, g, d).swapaxes(0, 1),
+              visible.reshape(b, nb, block, -1).swapaxes(0, 1))
+    out = jax.lax.map(lambda x: attend(*x), blocks)  # [nb, B, block, H, G, D]
+    return out.swapaxes(0, 1).reshape(b, t, h, g, d)
 
 
 def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, step: LayerStep,
@@ -349,19 +369,17 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
     of `prefill_attention`). q [B, T, Hq, D]; k, v [B, T, Hkv, D] the chunk's keys and values;
     cache a one-layer view. Returns [B, T, Hq, D]; padding queries (not `step.valid`) get zeros.
 
-    Keys before the chunk come from the pages: the dense heads' from the page table, the
-    streaming heads' from the slot's prefill window (`KVCache.window_table`; the decode ring
-    does not hold the prefill window, docs/design.md §6); the chunk's own from k, v. Plain jnp
-    over the gathered pages: the chunked prefill's reference path.
+    Every key comes from the pages, the chunk's own included (`store_layer` wrote them first):
+    the dense heads' through the page table, the streaming heads' through the slot's prefill
+    window (`KVCache.window_table`; the decode ring does not hold the prefill window,
+    docs/design.md §6). Plain jnp over the gathered pages: the chunked prefill's reference path.
     """
     dense, stream = _head_split(cache, 0, config)
     b, t, hq, d = q.shape
     hkv = len(dense) + len(stream)
     g = hq // hkv
     qg = q.reshape(b, t, hkv, g, d)
-    start = step.positions[:, :1]  # [B, 1]: a row's chunk starts there (padding rows: unused)
     query = step.positions[:, :, None]  # [B, T, 1]
-    fresh = (step.positions[:, None, :] <= query) & step.valid[:, None, :]  # [B, T, T]
     s = config.sparsity
     parts = []  # (heads, pool, table, streaming)
     if dense:
@@ -373,22 +391,15 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
         parts.append((stream, cache.sk[0], cache.sv[0], cache.window_table[step.slots], True))
     outs = []
     for heads, kpool, vpool, table, streaming in parts:
-        keys = jnp.arange(table.shape[1] * cache.page_size)
-        cached = (keys[None, None] < start[:, :, None]) & step.valid[:, :, None]  # [B, T, K]
+        keys = jnp.arange(table.shape[1] * cache.page_size)[None, None]  # [1, 1, K]
+        visible = (keys <= query) & step.valid[:, :, None]  # [B, T, K]
         if streaming:
             mapped = jnp.repeat(table != kv_cache.NULL_PAGE, cache.page_size, axis=1)
-            cached &= mapped[:, None, :]
-        visible = [cached, fresh]
-        if streaming:
-            lam = lambda j: (j < s.ctx_sink_tokens) | (j > query - s.ctx_local_tokens)  # noqa: E731
-            visible = [cached & lam(keys[None, None]), fresh & lam(step.positions[:, None, :])]
+            visible &= mapped[:, None, :] & (
+                (keys < s.ctx_sink_tokens) | (keys > query - s.ctx_local_tokens))
         idx = np.array(heads)
-        out = _softmax_attend(
-            qg[:, :, idx], jnp.concatenate([_gather_keys(kpool, table), k[:, :, idx].swapaxes(1, 2)],
-                                           axis=2),
-            jnp.concatenate([_gather_keys(vpool, table), v[:, :, idx].swapaxes(1, 2)], axis=2),
-            jnp.concatenate(visible, axis=2))
-        outs.append(out)
+        outs.append(_softmax_attend(qg[:, :, idx], _gather_keys(kpool, table),
+                                    _gather_keys(vpool, table), visible))
     out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(dense + stream)]  # head order
     out = jnp.where(step.valid[:, :, None, None, None], out, 0)
     return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -167,8 +167,8 @@ def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.A
     onwards, chunk_lens [B] real tokens (a row with 0 is left untouched). The slots' pages must
     be reserved for starts + chunk_lens tokens and hold the first `starts` tokens already; with
     streaming heads, the slots' prefill windows (`KVCache.window_table`) must map the columns
-    the chunk reads (the sink and the last `ctx_local_tokens` before `starts`) and, if a later
-    chunk follows, the columns it writes. `fresh` (static) promises every row starts at 0: the
+    the chunk reads (the sink and the last `ctx_local_tokens` before `starts`) and the columns
+    it writes (it reads its own keys back from them). `fresh` (static) promises every row starts at 0: the
     chunk then attends within itself (`prefill_attention`, the sparse prefill kernel on a GPU).
     Returns the cache with seq_lens = starts + chunk_lens and the logits of each chunk's last
     token [B, V] (f32). Chunked prefill equals one-shot `prefill` (tests/test_chunked_prefill.py).

@@ -101,8 +101,7 @@ class FakeDevice:
             assert not row.window_pages, "a decode row has a window table"
             ring[row.start] = row.token_ids[0]
             return
-        if row.start > 0:
-            assert row.window_pages, "a chunk after cached tokens has no window table"
+        assert row.window_pages, "a prompt chunk has no window table"
         if row.window_pages:
             assert len(row.window_pages) == cdiv(end, ps)
             if r is not None:

@@ -64,9 +64,9 @@ per page-table column (`Request.window_pages`, column -> page; `ScheduledRow.win
 the row's column -> page table, NULL_PAGE where nothing is held). A chunk starting at `start`
 reads the columns of keys [0, sink_tokens) and [start - local_tokens + 1, start)
 (`PrefillWindow.read_columns`) and writes its own; after each step the columns no later chunk
-reads go back to the window pool, and all of them when the prompt is done. The window is taken
-for a prompt that does not finish in its first step, and with prefix caching for every prompt
-(so its pages can be cached). At admission a request reserves `PrefillWindow.quota` pages (the
+reads go back to the window pool, and all of them when the prompt is done. Every prompt takes
+a window (a chunk reads its own keys back from it, and with prefix caching its full pages are
+cached). At admission a request reserves `PrefillWindow.quota` pages (the
 sink's, plus the columns that a chunk of up to max_num_batched_tokens tokens and the
 local_tokens - 1 keys before it overlap) and is admitted only while the running requests'
 quotas fit the window pool; a request never holds more than its quota and evictable cached
@@ -599,8 +599,7 @@ class Scheduler:
             if need > pool.num_free - sum(pool.refcount(p) == 0 for p in matched):
                 break  # FCFS: nobody overtakes the oldest waiting request
             quota = 0
-            if self.window is not None and computed < len(req.prompt_ids) and (
-                    self.enable_prefix_caching or computed + num_new < len(req.prompt_ids)):
+            if self.window is not None and computed < len(req.prompt_ids):
                 quota = self._window_quota(req)
                 if self._window_reserved + quota > self.window.pool.num_usable_pages:
                     break
