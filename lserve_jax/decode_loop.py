@@ -40,6 +40,9 @@ class DecodeState:
     index_offset [B] int32   output index of out_tokens[:, 0] (tokens the row generated before
                              this state; 0 from `start`), so a row's output number n is keyed
                              by n wherever the loop starts
+    entries      [E, 2] int32 or None: (row, page-table column) of every page a row may read
+                             in the loop, for the CPU path of dense decode attention
+                             (`models.attention.decode_attention`); None: every column
     """
 
     cache: KVCache
@@ -53,6 +56,7 @@ class DecodeState:
     error_at: jax.Array
     sampling: SamplingArrays
     index_offset: jax.Array
+    entries: jax.Array | None = None
 
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -100,7 +104,7 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         i, s = carry
         active = ~s.done
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
-                                     config=config, attention=attention)
+                                     config=config, attention=attention, entries=s.entries)
         token = sample(logits, s.sampling, s.index_offset + s.num_generated)
         bad = active & _not_finite(logits)
         emit = active & ~bad

@@ -22,6 +22,7 @@ from flax import struct
 from models import page_selector, streaming_pool
 from models import kv_cache
 from models.kv_cache import KVCache
+from pallas_kernels.paged_decode import gather_pages
 from models.sparsity import SparsityConfig
 from pallas_kernels import (MAX_SELECT_PAGES, page_scores, pooled_decode_attention,
                             pooled_decode_attention_reference, select_top_pages,
@@ -145,8 +146,8 @@ def _pad_entries(x: jax.Array, capacity: int) -> jax.Array:
 
 
 def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
-                     selected: jax.Array | None, *, layer: int, config: AttentionConfig
-                     ) -> jax.Array:
+                     selected: jax.Array | None, *, layer: int, config: AttentionConfig,
+                     entries: jax.Array | None = None) -> jax.Array:
     """Attention of one new query per sequence over its pages (LServe, arXiv 2502.14866).
 
     q [B, Hq, D]; cache holds the layer's pools with the new token already written; slots [B];
@@ -159,6 +160,11 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
     head (one row; a streaming head's G lists then share its pages). Dense lists name the
     selected (or all) pages of the dense pool, streaming lists the sink and ring pages of the
     streaming pool; lists are in head order, so the output needs no reordering.
+
+    `entries` [E, 2] (row, page-table column; rows >= B are padding), when given with
+    `selected` None on the CPU path, lists the pages the dense heads read, so the rows' pages
+    are gathered once each, raggedly (`_entry_attention`), instead of every row reading the
+    batch's widest page table.
     """
     b, hq, d = q.shape
     dense, stream = _head_split(cache, layer, config)
@@ -212,7 +218,10 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
         outs = [pooled_decode_attention_reference(
             qlists[:, position[first:first + part[0].shape[1]]], (pool,), *part,
             sources=tuple((0, i // lists_per_head) for i in range(part[0].shape[1])))
-            for part, pool, first in zip(parts, pools, firsts)]
+            if not (i == 0 and dense and entries is not None and selected is None) else
+            _entry_attention(qlists[:, position[:len(dense)]], pool, cache.page_table[slots],
+                             lengths, entries)
+            for i, (part, pool, first) in enumerate(zip(parts, pools, firsts))]
         out = jnp.concatenate(outs, axis=1)[:, order]
     else:
         capacity = max(part[0].shape[2] for part in parts)
@@ -223,6 +232,40 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
                                       sources=tuple(sources), impl=config.impl,
                                       interpret=config.interpret)
     return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def _entry_attention(q: jax.Array, pool: tuple[jax.Array, jax.Array], table: jax.Array,
+                     lengths: jax.Array, entries: jax.Array) -> jax.Array:
+    """Dense heads' decode attention over ragged page entries (the CPU path).
+
+    q [B, H, G, D] (one list per KV head); pool (k, v) [H, P, S, D]; table [B, W] the rows'
+    page tables; lengths [B]; entries [E, 2] (row, column), rows >= B padding. Each entry's
+    page is gathered once for its row, scored against that row's queries, and the softmax is
+    taken over each row's entries (segment max and sums). Returns [B, H, G, D] f32, zeros for
+    a row with no visible key; equal to attending over the whole table row.
+    """
+    b, h, g, d = q.shape
+    k_pool, v_pool = pool
+    s = k_pool.shape[2]
+    row, col = entries[:, 0], entries[:, 1]
+    live = row < b
+    r = jnp.clip(row, 0, b - 1)
+    page = jnp.where(live, table[r, jnp.clip(col, 0, table.shape[1] - 1)], kv_cache.NULL_PAGE)
+    heads = jnp.arange(h)[None, :]
+    keys = gather_pages(k_pool, heads, page[:, None])  # [E, H, S, D]
+    values = gather_pages(v_pool, heads, page[:, None])
+    visible = live[:, None] & (col[:, None] * s + jnp.arange(s)[None] < lengths[r][:, None])
+    scores = jnp.einsum("ehsd,ehgd->ehgs", keys.astype(jnp.float32), q[r].astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    m = jax.ops.segment_max(jnp.max(scores, axis=-1), r, num_segments=b)  # [B, H, G]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(visible[:, None, None], jnp.exp(scores - m[r][..., None]), 0.0)
+    values = jnp.where(visible[:, None, :, None], values.astype(jnp.float32), 0.0)
+    out = jax.ops.segment_sum(jnp.einsum("ehgs,ehsd->ehgd", p, values,
+                                         precision=jax.lax.Precision.HIGHEST), r, num_segments=b)
+    denom = jax.ops.segment_sum(jnp.sum(p, axis=-1), r, num_segments=b)
+    return out / jnp.where(denom == 0, 1.0, denom)[..., None]
 
 
 def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: jax.Array,
@@ -284,7 +327,9 @@ class LayerStep:
     slots [B] cache rows; positions, valid [B, T] each token's position and whether it is
     stored (padding and inactive rows are not); lengths [B] tokens of each slot once these are
     written (a prefill attends within them, a decode step over them); cos, sin [B, T, D] RoPE;
-    need [B] the decode rows whose page selection is recomputed (None in a prefill).
+    need [B] the decode rows whose page selection is recomputed (None in a prefill);
+    entries [E, 2] (decode, optional): the (row, page-table column) pairs of the pages the rows
+    attend to, for the CPU path of dense-head attention over all pages (`decode_attention`).
     `decode` (static): one new token per row over the paged cache; `chunk` (static): a prefill
     chunk that continues cached tokens (attends over the pages and the prefill window), or with
     `fresh` (static) a chunk of rows that all start at position 0 (attends within the chunk,
@@ -298,6 +343,7 @@ class LayerStep:
     cos: jax.Array
     sin: jax.Array
     need: jax.Array | None = None
+    entries: jax.Array | None = None
     decode: bool = struct.field(pytree_node=False, default=False)
     chunk: bool = struct.field(pytree_node=False, default=False)
     fresh: bool = struct.field(pytree_node=False, default=False)
@@ -426,5 +472,5 @@ def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step:
                                          layer=0, config=config)
         cache = cache.replace_layer(0, selected=cache.selected[0].at[step.slots].set(selected))
     out = decode_attention(q[:, 0], cache, step.slots, step.lengths, selected, layer=0,
-                           config=config)
+                           config=config, entries=step.entries)
     return cache, out[:, None]

@@ -195,11 +195,13 @@ def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.A
 
 
 def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, active: jax.Array,
-           *, config: LlamaConfig, attention: AttentionConfig) -> tuple[KVCache, jax.Array]:
+           *, config: LlamaConfig, attention: AttentionConfig,
+           entries: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
     """One decode step: append each active slot's new token and return next-token logits.
 
     tokens, slots [B] int32; active [B] bool (inactive rows write to the null page and do not
-    advance). Returns (cache, logits [B, V] f32).
+    advance); entries: optional [E, 2] (row, page-table column) pairs covering every page a row
+    attends to (`decode_attention`). Returns (cache, logits [B, V] f32).
 
     In LServe mode the dense heads' page selection is recomputed for a row when its clock
     `decode_steps` is a multiple of `selector_interval` or when it has started a new page since
@@ -213,7 +215,8 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     need = active & ((cache.decode_steps[slots] % attention.sparsity.selector_interval == 0)
                      | (num_pages != cache.selected_num_pages[slots]))
     layer_inputs = LayerStep(slots=slots, positions=positions, valid=active[:, None],
-                             lengths=lengths, cos=cos, sin=sin, need=need, decode=True)
+                             lengths=lengths, cos=cos, sin=sin, need=need, decode=True,
+                             entries=entries)
     x, cache = run_layers(params, cache, params["embed"][tokens][:, None], layer_inputs,
                           config=config, attention=attention)
     step = active.astype(jnp.int32)

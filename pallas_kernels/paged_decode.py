@@ -242,7 +242,7 @@ def _attend_gathered(q, k, v, visible, sm_scale):
     return out / jnp.where(l == 0.0, 1.0, l)[..., None]
 
 
-def _gather_pages(pool, heads, pages):
+def gather_pages(pool, heads, pages):
     """pool [Hkv, P, S, D] at (heads, pages) (broadcasting, -> pages.shape + [S, D]): one
     gather of whole pages, each a contiguous row of the flattened pool (on the CPU 2-3x faster
     than indexing the 4-D pool, which XLA gathers element by element)."""
@@ -277,8 +277,8 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
         if not lists.size:
             continue
         heads = np.array([sources[h][1] for h in lists], np.int32)[None, :, None]  # [1, Hp, 1]
-        k = _gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
-        v = _gather_pages(v_pages, heads, pages[:, lists])
+        k = gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
+        v = gather_pages(v_pages, heads, pages[:, lists])
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
         outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),

@@ -139,3 +139,39 @@ def test_key_statistics_track_the_stored_keys(params):
                                               chunk.max(1))
                 np.testing.assert_array_equal(np.asarray(cache.kmin[layer][:, page, logical]),
                                               chunk.min(1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_page_entries_equal_attention_over_whole_page_tables(seed):
+    """The CPU path's ragged decode attention (`entries`: each row's own pages) equals attention
+    over every row's whole page-table row, with rows of different lengths, padding entries,
+    a row with no pages and NaN in pages no row reads."""
+    from models.attention import decode_attention
+
+    rng = np.random.default_rng(seed)
+    b, w, s, h, g, d, pages = 5, 6, 4, 2, 3, 8, 40
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=h, head_dim=d, num_pages=pages, page_size=s,
+                       max_seqs=b, max_pages_per_seq=w)
+    cache = kv_cache.init_cache(spec)
+    k = rng.normal(size=cache.k[0].shape).astype(np.float32)
+    v = rng.normal(size=cache.v[0].shape).astype(np.float32)
+    lengths = np.array([1, 7, 24, 13, 0])
+    table = np.zeros((b, w), np.int32)
+    owned = rng.permutation(np.arange(1, pages))
+    used = 0
+    for i, n in enumerate(lengths):
+        c = -(-n // s)
+        table[i, :c] = owned[used:used + c]
+        used += c
+    unread = np.setdiff1d(np.arange(pages), table[table > 0])
+    k[:, unread], v[:, unread] = np.nan, np.nan
+    cache = cache.replace(k=(jnp.asarray(k),), v=(jnp.asarray(v),), page_table=jnp.asarray(table))
+    q = jnp.asarray(rng.normal(size=(b, h * g, d)).astype(np.float32))
+    pairs = [(i, c) for i in range(b) for c in range(-(-lengths[i] // s))]
+    entries = np.array(pairs + [(b, 0)] * 5, np.int32)
+    args = (q, cache, jnp.arange(b), jnp.asarray(lengths, jnp.int32), None)
+    whole = decode_attention(*args, layer=0, config=ATTN)
+    ragged = decode_attention(*args, layer=0, config=ATTN, entries=jnp.asarray(entries))
+    assert np.isfinite(np.asarray(ragged)).all()
+    np.testing.assert_allclose(np.asarray(ragged), np.asarray(whole), atol=1e-5, rtol=1e-5)
+    assert not np.asarray(ragged)[4].any()  # the row with no pages

@@ -52,6 +52,9 @@ class StepBatch:
     out_index [R] int32   index of the output token the row samples (keys its randomness)
     steps [R] int32       decode rows: decode steps the row may run in this call (0: padding)
     stop_ids [R, M] int32 decode rows: ids that end the row within the call, -1 padded
+    entries [E, 2] int32  dense decode on the CPU: (row, column) of every page a row may read
+                          in the call, padded with row R (E 0: not used; see
+                          `models.attention.decode_attention`)
     sampling              per-row temperature, top-k, top-p and PRNG key
     """
 
@@ -66,6 +69,7 @@ class StepBatch:
     out_index: jax.Array
     steps: jax.Array
     stop_ids: jax.Array
+    entries: jax.Array
     sampling: SamplingArrays
 
     @property
@@ -141,7 +145,8 @@ def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llama
         out_tokens=jnp.full((r, num_steps), -1, jnp.int32),
         num_generated=jnp.zeros((r,), jnp.int32), max_tokens=batch.steps,
         stop_ids=batch.stop_ids, done=batch.steps <= 0, error_at=jnp.full((r,), -1, jnp.int32),
-        sampling=batch.sampling, index_offset=batch.out_index)
+        sampling=batch.sampling, index_offset=batch.out_index,
+        entries=batch.entries if batch.entries.shape[0] else None)
     state = decode_loop.run(params, state, config=config, attention=attention,
                             num_steps=num_steps)
     return (merge_view(cache, state.cache, batch), state.out_tokens, state.num_generated,
@@ -254,12 +259,13 @@ def group_prefill_rows(lengths: list[int], max_rows: int) -> list[list[int]]:
 
 def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,
                 sampling: dict, stop_ids: dict | None = None,
-                first_window_page: int = 1) -> StepBatch:
+                first_window_page: int = 1, num_entries: int = 0) -> StepBatch:
     """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
     (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
     key [2] uint32); stop_ids: request id -> its stop token ids (padded with -1 to
     `inputs.stop_id_width`). Window page p >= 1 of the host's window pool is streaming-pool page
-    first_window_page + p - 1 (`KVCache.first_window_page`)."""
+    first_window_page + p - 1 (`KVCache.first_window_page`). `num_entries` > 0: the (row,
+    column) entries of every row's pages, padded to that many (at least their count)."""
     r, t, w = num_rows, num_tokens, num_columns
     slots = np.full(r, max_seqs, np.int32)
     tokens = np.zeros((r, t), np.int32)
@@ -294,8 +300,15 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
         ids = sorted(stop_ids.get(row.request_id, ()))
         stops[i, :len(ids)] = ids
         temperature[i], top_k[i], top_p[i], keys[i] = sampling[row.request_id]
+    entries = np.zeros((num_entries, 2), np.int32)
+    if num_entries:
+        pairs = [(i, c) for i, row in enumerate(rows) for c in range(len(row.pages))]
+        if len(pairs) > num_entries:
+            raise ValueError(f"{len(pairs)} page entries exceed num_entries={num_entries}")
+        entries[:, 0] = r
+        entries[:len(pairs)] = pairs
     return StepBatch(slots=slots, tokens=tokens, starts=starts, num_tokens=lengths,
                      page_table=table, window_table=window, admitted=admitted, clock=clock,
-                     out_index=out_index, steps=steps, stop_ids=stops,
+                     out_index=out_index, steps=steps, stop_ids=stops, entries=entries,
                      sampling=SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p,
                                              keys=keys))

@@ -542,8 +542,14 @@ class Engine:
         shape = (device.bucket(len(rows), self.max_num_seqs, MIN_DECODE_ROWS if decode else 1),
                  1 if decode else device.token_bucket(max(len(r.token_ids) for r in rows)),
                  device.bucket(width, self.max_pages_per_seq, MIN_PAGE_COLUMNS))
+        entries = 0
+        if decode and self.attention.mode == "dense" and self.impl == "xla":
+            # The CPU gathers what it reads: each row's own pages, not the widest row's.
+            entries = device.bucket(sum(len(r.pages) for r in rows), shape[0] * shape[2],
+                                    MIN_PAGE_COLUMNS)
         batch = device.build_batch(rows, max_seqs=self.max_num_seqs, num_rows=shape[0],
                                    num_tokens=shape[1], num_columns=shape[2],
+                                   num_entries=entries,
                                    sampling={r.request_id: self._live[r.request_id].sampling
                                              for r in rows},
                                    stop_ids={r.request_id: self._live[r.request_id].stop_ids
@@ -585,7 +591,8 @@ class Engine:
                        attention=self.attention, **static).compile()
         seconds = time.perf_counter() - t0
         self.compile_s += seconds
-        log.info("compiled %s for rows, tokens, pages %s in %.1f s", fn.__name__, batch.shape,
+        log.info("compiled %s for rows, tokens, pages %s%s in %.1f s", fn.__name__, batch.shape,
+                 f", {batch.entries.shape[0]} page entries" if batch.entries.shape[0] else "",
                  seconds)
         _SHARED_EXECUTABLES[key] = exe
         while len(_SHARED_EXECUTABLES) > MAX_SHARED_EXECUTABLES:
