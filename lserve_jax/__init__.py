@@ -7,8 +7,9 @@ and scheduler, `lserve_jax.inputs`) load without JAX.
 import importlib
 
 _PUBLIC = {"LLM": "lserve_jax.llm", "GenerationStats": "lserve_jax.llm",
-           "Engine": "lserve_jax.engine.engine", "RequestOutput": "lserve_jax.engine.engine",
-           "RequestMetrics": "lserve_jax.engine.engine", "SamplingParams": "lserve_jax.sampling",
+           "Engine": "lserve_jax.engine.engine", "RequestOutput": "lserve_jax.engine.outputs",
+           "CompletionOutput": "lserve_jax.engine.outputs", "Logprob": "lserve_jax.engine.outputs",
+           "RequestMetrics": "lserve_jax.engine.outputs", "SamplingParams": "lserve_jax.sampling",
            "SparsityConfig": "lserve_jax.sparsity"}
 
 __all__ = list(_PUBLIC)

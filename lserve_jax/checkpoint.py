@@ -69,25 +69,50 @@ def _token_text(value) -> str | None:
 
 
 class DecodeStream:
-    """Incremental detokenizer for streaming: `step(ids_so_far)` returns the newly final text.
+    """Incremental detokenizer for streaming: `add(token_id)` returns the text that token made
+    final, `flush()` whatever is still held back at the end.
 
-    Decodes a short window (`prefix`..end) rather than single tokens, because a token's text can
-    depend on its neighbours (leading-space handling), and holds back text ending in U+FFFD: with
-    byte-level BPE that is a UTF-8 character whose remaining bytes are in later tokens.
+    Uses the `tokenizers` library's own incremental decoder (`tokenizers.decoders.DecodeStream`),
+    which holds back a UTF-8 character until its last byte's token arrives, so no piece ever
+    ends inside a character. Where that decoder does not serve the tokenizer (it raises), a
+    window decode takes over: decode the last few ids and return what grew, holding back text
+    that ends in U+FFFD. `flush` compares the emitted text with a full decode of every id, so
+    the pieces always add up to `Tokenizer.decode(ids)` (a sequence that really ends inside a
+    character ends in U+FFFD, as the full decode does).
     """
 
-    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True, *,
+                 native: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # ids before this index have been emitted
+        self._native = (tokenizers.decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+                        if native else None)
+        self.ids: list[int] = []
+        self.text = ""  # everything returned so far
+        self._prefix = 0  # window decode: start of the window
+        self._read = 0  # window decode: ids before this were emitted
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
-    def step(self, ids: Sequence[int]) -> str:
-        """`ids`: all generated ids so far (a growing list). Returns text not returned before."""
-        ids = list(ids)
+    def add(self, token_id: int) -> str:
+        """The text that `token_id` (the next generated id) makes final ("" if none yet)."""
+        self.ids.append(int(token_id))
+        piece = None
+        if self._native is not None:
+            try:
+                piece = self._native.step(self._tokenizer.tokenizer, int(token_id)) or ""
+            except Exception:  # noqa: BLE001 - this tokenizer's decoder cannot stream
+                self._native = None
+                self._prefix = self._read = len(self.ids) - 1
+                piece = self._window_piece()
+        else:
+            piece = self._window_piece()
+        self.text += piece
+        return piece
+
+    def _window_piece(self) -> str:
+        ids = self.ids
         prefix_text = self._decode(ids[self._prefix:self._read])
         text = self._decode(ids[self._prefix:])
         if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
@@ -95,13 +120,12 @@ class DecodeStream:
             return text[len(prefix_text):]
         return ""
 
-    def flush(self, ids: Sequence[int]) -> str:
-        """At the end of a stream: whatever is still held back (including a U+FFFD, if the
-        sequence really ends in an incomplete character)."""
-        ids = list(ids)
-        text = self._decode(ids[self._prefix:])[len(self._decode(ids[self._prefix:self._read])):]
-        self._prefix = self._read = len(ids)
-        return text
+    def flush(self) -> str:
+        """At the end of a stream: the rest of the full decode of every id."""
+        full = self._decode(self.ids)
+        piece = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += piece
+        return piece
 
 
 class Tokenizer:
@@ -161,8 +185,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
-        return DecodeStream(self, skip_special_tokens)
+    def decode_stream(self, skip_special_tokens: bool = True, *,
+                      native: bool = True) -> DecodeStream:
+        """An incremental detokenizer (`native=False`: the window decode only)."""
+        return DecodeStream(self, skip_special_tokens, native=native)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
@@ -375,6 +401,24 @@ def resolve_checkpoint(ckpt: str | Path | None, *, cache_dir: str | Path | None 
     name = src.stem if src.is_file() else src.absolute().name
     out = cache / f"{name}-{_fingerprint(src, dtype)}"
     return _ensure(out, src, dtype, verify=verify, progress=progress)
+
+
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def auto_dtype(ckpt: str | Path | None, backend: str) -> str:
+    """What dtype="auto" means: float32 on the CPU (XLA:CPU is fastest and exact in f32);
+    elsewhere the checkpoint's own 16-bit dtype (an HF config's `torch_dtype` / `dtype`, or a
+    converted directory's), else bfloat16 (a float32 or quantized GGUF source)."""
+    if backend == "cpu":
+        return "float32"
+    src = default_gguf() if ckpt is None else Path(ckpt).expanduser()
+    for name, key in (("config.json", "torch_dtype"), ("config.json", "dtype"),
+                      ("convert_info.json", "dtype")):
+        value = _read_json(src / name).get(key) if src.is_dir() else None
+        if value in SIXTEEN_BIT:
+            return value
+    return "bfloat16"
 
 
 def load_model(ckpt: str | Path | None = None, *, dtype: str = "float32", verify: bool = False,

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lserve_jax.sampling import SamplingArrays, sample
+from lserve_jax.sampling import (SamplingArrays, TokenCounts, add_tokens, sample,
+                                 token_logprobs)
 from models import llama
 from models.attention import AttentionConfig
 from models.config import LlamaConfig
@@ -43,6 +44,10 @@ class DecodeState:
     entries      [E, 2] int32 or None: (row, page-table column) of every page a row may read
                              in the loop, for the CPU path of dense decode attention
                              (`models.attention.decode_attention`); None: every column
+    counts       the rows' `TokenCounts` when a row has penalties (updated as tokens are
+                 generated), else None
+    logprobs     None, or (of the token [B, N], its rank [B, N], top-K ids [B, N, K], their
+                 log-probabilities [B, N, K]) of each generated token (`logprob_buffers`)
     """
 
     cache: KVCache
@@ -57,6 +62,16 @@ class DecodeState:
     sampling: SamplingArrays
     index_offset: jax.Array
     entries: jax.Array | None = None
+    counts: TokenCounts | None = None
+    logprobs: tuple | None = None
+
+
+def logprob_buffers(rows: int, capacity: int, k: int) -> tuple | None:
+    """Empty `DecodeState.logprobs` for K = k top log-probabilities (None for k < 0)."""
+    if k < 0:
+        return None
+    return (jnp.zeros((rows, capacity), jnp.float32), jnp.zeros((rows, capacity), jnp.int32),
+            jnp.zeros((rows, capacity, k), jnp.int32), jnp.zeros((rows, capacity, k), jnp.float32))
 
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -105,7 +120,8 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         active = ~s.done
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
                                      config=config, attention=attention, entries=s.entries)
-        token = sample(logits, s.sampling, s.index_offset + s.num_generated)
+        token = sample(logits, s.sampling, s.index_offset + s.num_generated, s.stop_ids,
+                       s.counts)
         bad = active & _not_finite(logits)
         emit = active & ~bad
         token = jnp.where(emit, token, s.last_token)
@@ -116,8 +132,15 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         done = s.done | bad | (emit & (_is_stop(token, s.stop_ids)
                                        | (num_generated >= s.max_tokens)))
         error_at = jnp.where(bad, s.num_generated, s.error_at)
+        counts = None if s.counts is None else add_tokens(s.counts, token, emit)
+        logprobs = s.logprobs
+        if logprobs is not None:
+            k = logprobs[2].shape[-1]
+            logprobs = tuple(buf.at[rows, col].set(new, mode="drop") for buf, new in
+                             zip(logprobs, token_logprobs(logits, token, k)))
         return i + 1, s.replace(cache=cache, last_token=token, out_tokens=out,
-                                num_generated=num_generated, done=done, error_at=error_at)
+                                num_generated=num_generated, done=done, error_at=error_at,
+                                counts=counts, logprobs=logprobs)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: float32 on the CPU, the checkpoint's 16-bit dtype on a GPU")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="dense")
     p.add_argument("--impl", choices=("pallas", "xla"), default=None,
                    help="attention kernels (default: pallas on GPU, xla on CPU)")
@@ -73,15 +74,14 @@ class _Streamer:
     """Prints each row-0 token's text as soon as it is complete (UTF-8 safe)."""
 
     def __init__(self, tokenizer):
-        self.stream, self.ids = tokenizer.decode_stream(), []
+        self.stream = tokenizer.decode_stream()
 
     def __call__(self, row: int, new_ids: list[int]) -> None:
-        self.ids += new_ids
-        sys.stdout.write(self.stream.step(self.ids))
+        sys.stdout.write("".join(self.stream.add(t) for t in new_ids))
         sys.stdout.flush()
 
     def close(self) -> None:
-        sys.stdout.write(self.stream.flush(self.ids) + "\n")
+        sys.stdout.write(self.stream.flush() + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

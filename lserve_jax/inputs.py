@@ -17,6 +17,7 @@ import numpy as np
 
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): a non-negative int64, as numpy and torch take them
 STOP_ID_WIDTHS = (8, 16, 32, 64, 128, 256)  # padded stop-id columns: few compiled shapes
+MAX_N = 128  # completions per request (OpenAI's limit for `n`)
 
 
 def is_int(value) -> bool:
@@ -68,6 +69,54 @@ def seed_key(seed: int) -> np.ndarray:
     """
     seed = check_seed(seed)
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def check_stop_strings(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: None, one string or a sequence of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, (bytes, dict)) or not isinstance(stop, (Sequence, np.ndarray)):
+        raise TypeError(f"stop={stop!r} must be a string or a list of strings")
+    out = []
+    for i, text in enumerate(stop):
+        if not isinstance(text, str):
+            raise TypeError(f"stop[{i}]={text!r} is not a string")
+        if not text:
+            raise ValueError(f"stop[{i}] is an empty string")
+        out.append(text)
+    return tuple(out)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def check_messages(messages, name: str = "messages") -> list[dict]:
+    """A conversation: a non-empty list of {"role": one of CHAT_ROLES, "content": str} dicts
+    (other keys are kept for the template)."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise TypeError(f"{name} must be a list of {{'role', 'content'}} dicts")
+    if not messages:
+        raise ValueError(f"{name} is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TypeError(f"{name}[{i}] must be a dict with 'role' and 'content'")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{name}[{i}].role={m.get('role')!r} must be one of {CHAT_ROLES}")
+        if not isinstance(m.get("content"), str):
+            raise TypeError(f"{name}[{i}].content must be a string")
+        out.append(dict(m))
+    return out
+
+
+def normalize_conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    if isinstance(messages, Sequence) and messages and all(
+            isinstance(m, Sequence) and not isinstance(m, (str, bytes, dict)) for m in messages):
+        return [check_messages(c, f"conversation {i}") for i, c in enumerate(messages)]
+    return [check_messages(messages)]
 
 
 def check_stream_interval(value) -> int:

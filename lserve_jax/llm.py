@@ -42,7 +42,8 @@ class LLM:
 
     ckpt: a converted checkpoint directory, a HF checkpoint directory, a `.gguf` file (both
     converted on first use into a cache), or None for the embedded SmolLM2-135M-Instruct.
-    attention: "dense" or "lserve". dtype: "float32", "bfloat16" or "float16".
+    attention: "dense" or "lserve". dtype: "auto" (float32 on the CPU, the checkpoint's
+    16-bit dtype on a GPU), "float32", "bfloat16" or "float16".
     impl: "pallas" or "xla" (default: pallas on GPU). verify: check every file's checksum
     before loading (sizes are always checked; checksums on the first load after a conversion;
     README "Checkpoint integrity"). The engine's capacity arguments (`max_num_seqs`,
@@ -82,7 +83,7 @@ class LLM:
         prompts: a string, a list of token ids (one prompt), or a list of strings (needs a
         tokenizer) and/or token-id lists. sampling_params: one for all prompts or one per prompt.
         `on_tokens(row, new_ids)` is called after every `stream_interval` (>= 1) engine steps
-        with the ids each row gained (for streaming). A row whose logits turn non-finite ends
+        with the ids each row's first completion gained (for streaming). A row whose logits turn non-finite ends
         with finish_reason "error" and `error` naming the token; the other rows are unaffected.
         Every prompt is checked before any runs: a bad one raises and nothing is generated.
         """
@@ -105,7 +106,7 @@ class LLM:
                 engine._add_request(rid, prompt, sp, f"prompt {i}")
         except Exception:
             for rid in ids:
-                if rid in engine._live:
+                if rid in engine._parents:
                     engine.abort_request(rid)
             raise
         stats = GenerationStats()
@@ -124,7 +125,7 @@ class LLM:
                 if out.request_id[0] != call:
                     continue
                 row = out.request_id[1]
-                new += len(out.new_token_ids)
+                new += sum(len(c.new_token_ids) for c in out.outputs)
                 if out.new_token_ids:
                     pending.setdefault(row, []).extend(out.new_token_ids)
                 if out.finished:
@@ -146,6 +147,17 @@ class LLM:
         for out in outputs:
             out.request_id = str(out.request_id[1])  # the row; call numbers are internal
         return outputs
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None
+             = None, **kwargs) -> list[RequestOutput]:
+        """Generate the assistant's reply to a conversation, or to each of a list of them.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] (multi-turn),
+        or a list of such lists. Each conversation is rendered with the model's chat template
+        (with the generation prompt) and generated as `generate` does (same keywords)."""
+        conversations = inputs.normalize_conversations(messages)
+        prompts = [self.engine.render_chat(c) for c in conversations]
+        return self.generate(prompts, sampling_params, **kwargs)
 
     def chat_prompt(self, message: str) -> str:
         """Render one user message with the tokenizer's chat template."""

@@ -112,10 +112,11 @@ def test_encode_decode_match_transformers(ours, hf_tokenizer, text):
     assert ids == hf_tokenizer.encode(text)
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
     assert tokenizer.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)
-    stream = tokenizer.decode_stream(skip_special_tokens=False)
-    pieces = [stream.step(ids[:n + 1]) for n in range(len(ids))]
-    assert "".join(pieces) + stream.flush(ids) == text
-    assert not any("\ufffd" in p for p in pieces)
+    for native in (True, False):
+        stream = tokenizer.decode_stream(skip_special_tokens=False, native=native)
+        pieces = [stream.add(t) for t in ids]
+        assert "".join(pieces) + stream.flush() == text
+        assert not any("\ufffd" in p for p in pieces)
 
 
 @pytest.mark.parametrize("messages", CHATS)

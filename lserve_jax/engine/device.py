@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from lserve_jax import decode_loop, inputs
-from lserve_jax.sampling import SamplingArrays, sample
+from lserve_jax.sampling import SamplingArrays, TokenCounts, sample, token_counts, token_logprobs
 from models import kv_cache, llama
 from models.attention import AttentionConfig
 from models.config import LlamaConfig
@@ -55,7 +56,10 @@ class StepBatch:
     entries [E, 2] int32  dense decode on the CPU: (row, column) of every page a row may read
                           in the call, padded with row R (E 0: not used; see
                           `models.attention.decode_attention`)
-    sampling              per-row temperature, top-k, top-p and PRNG key
+    prompt_history [R, P] int32, output_history [R, O] int32: with penalties (P > 0), each
+                          row's prompt ids and the ids it generated before the call, -1 padded
+    sampling              per-row temperature, top-k, top-p, min-p, minimum length, penalties
+                          (None unless a row of the call has one) and PRNG key
     """
 
     slots: jax.Array
@@ -70,6 +74,8 @@ class StepBatch:
     steps: jax.Array
     stop_ids: jax.Array
     entries: jax.Array
+    prompt_history: jax.Array
+    output_history: jax.Array
     sampling: SamplingArrays
 
     @property
@@ -106,38 +112,46 @@ def merge_view(cache: KVCache, view: KVCache, batch: StepBatch) -> KVCache:
         decode_steps=put(cache.decode_steps, view.decode_steps))
 
 
-def _sampled(logits: jax.Array, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
-    """(next token [R], logits not finite [R]) of every row."""
-    return (sample(logits, batch.sampling, batch.out_index),
-            ~jnp.all(jnp.isfinite(logits), axis=-1))
+def _counts(batch: StepBatch, vocab: int) -> TokenCounts | None:
+    """The rows' token counts for the penalties (None when no row of the call has one)."""
+    if batch.sampling.presence is None:
+        return None
+    return token_counts(batch.prompt_history, batch.output_history, vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "fresh"),
+@functools.partial(jax.jit, static_argnames=("config", "attention", "fresh", "num_logprobs"),
                    donate_argnames=("cache",))
 def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                 attention: AttentionConfig, fresh: bool = False
-                 ) -> tuple[KVCache, jax.Array, jax.Array]:
+                 attention: AttentionConfig, fresh: bool = False, num_logprobs: int = -1
+                 ) -> tuple[KVCache, jax.Array, jax.Array, tuple]:
     """Prefill one chunk per row (`llama.prefill_chunk`; `fresh`: every row starts at 0).
-    Returns (cache, tokens [R], bad [R]) sampled from each row's last token."""
+    Returns (cache, tokens [R], bad [R], logprobs) sampled from each row's last token;
+    logprobs: with `num_logprobs` K >= 0, (of the token [R], rank [R], top-K ids [R, K],
+    top-K log-probabilities [R, K]) of the raw logits, else ()."""
     view = local_view(cache, batch)
     local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
     view, logits = llama.prefill_chunk(params, view, batch.tokens, batch.starts,
                                        batch.num_tokens, local, config=config,
                                        attention=attention, fresh=fresh)
-    return (merge_view(cache, view, batch),) + _sampled(logits, batch)
+    tokens = sample(logits, batch.sampling, batch.out_index, batch.stop_ids,
+                    _counts(batch, logits.shape[-1]))
+    bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
+    logprobs = token_logprobs(logits, tokens, num_logprobs) if num_logprobs >= 0 else ()
+    return merge_view(cache, view, batch), tokens, bad, logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps", "num_logprobs"),
                    donate_argnames=("cache",))
 def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                attention: AttentionConfig, num_steps: int = 1
-                ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+                attention: AttentionConfig, num_steps: int = 1, num_logprobs: int = -1
+                ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, tuple]:
     """Decode steps (`llama.decode`: page selection, sink + ring for streaming heads) inside
     one `decode_loop.run`: each row from its token tokens[:, 0] for `steps` steps at most,
     stopping early at one of its `stop_ids` or at non-finite logits; sampling keyed by each
     row's output index. Returns (cache, tokens [R, num_steps] (-1 past each row's count),
     counts [R], error_at [R]: the index within the call of the token whose logits were not
-    finite, -1 for none)."""
+    finite, -1 for none, logprobs: as `prefill_step`'s with a step axis after the row's, or
+    ()). Penalties count the tokens generated within the call too."""
     view = local_view(cache, batch, clock=True)
     r = batch.slots.shape[0]
     state = decode_loop.DecodeState(
@@ -146,11 +160,13 @@ def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llama
         num_generated=jnp.zeros((r,), jnp.int32), max_tokens=batch.steps,
         stop_ids=batch.stop_ids, done=batch.steps <= 0, error_at=jnp.full((r,), -1, jnp.int32),
         sampling=batch.sampling, index_offset=batch.out_index,
-        entries=batch.entries if batch.entries.shape[0] else None)
+        entries=batch.entries if batch.entries.shape[0] else None,
+        counts=_counts(batch, config.vocab_size),
+        logprobs=decode_loop.logprob_buffers(r, num_steps, num_logprobs))
     state = decode_loop.run(params, state, config=config, attention=attention,
                             num_steps=num_steps)
     return (merge_view(cache, state.cache, batch), state.out_tokens, state.num_generated,
-            state.error_at)
+            state.error_at, state.logprobs or ())
 
 
 # ---------------------------------------------------------------------------- memory budget
@@ -258,14 +274,16 @@ def group_prefill_rows(lengths: list[int], max_rows: int) -> list[list[int]]:
 
 
 def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, num_columns: int,
-                sampling: dict, stop_ids: dict | None = None,
+                sampling: dict, stop_ids: dict | None = None, history: dict | None = None,
                 first_window_page: int = 1, num_entries: int = 0) -> StepBatch:
     """A StepBatch (NumPy) of `rows` (scheduler `ScheduledRow`s) padded to the bucket
-    (num_rows, num_tokens, num_columns). sampling: request id -> (temperature, top_k, top_p,
-    key [2] uint32); stop_ids: request id -> its stop token ids (padded with -1 to
-    `inputs.stop_id_width`). Window page p >= 1 of the host's window pool is streaming-pool page
-    first_window_page + p - 1 (`KVCache.first_window_page`). `num_entries` > 0: the (row,
-    column) entries of every row's pages, padded to that many (at least their count)."""
+    (num_rows, num_tokens, num_columns). sampling: request id -> `RowSampling`; stop_ids:
+    request id -> its stop token ids (padded with -1 to `inputs.stop_id_width`); history:
+    request id -> (prompt ids, generated ids before the call) of the rows with penalties (the
+    call carries penalties only if one of its rows has them). Window page p >= 1 of the host's
+    window pool is streaming-pool page first_window_page + p - 1 (`KVCache.first_window_page`).
+    `num_entries` > 0: the (row, column) entries of every row's pages, padded to that many (at
+    least their count)."""
     r, t, w = num_rows, num_tokens, num_columns
     slots = np.full(r, max_seqs, np.int32)
     tokens = np.zeros((r, t), np.int32)
@@ -281,10 +299,16 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
     width = inputs.stop_id_width(max((len(stop_ids.get(row.request_id, ())) for row in rows),
                                      default=0))
     stops = np.full((r, width), -1, np.int32)
-    temperature = np.zeros(r, np.float32)
-    top_k = np.zeros(r, np.int32)
-    top_p = np.ones(r, np.float32)
+    settings = np.zeros((r, len(RowSampling._fields) - 1), np.float64)
+    settings[:, RowSampling._fields.index("top_p")] = 1.0
+    settings[:, RowSampling._fields.index("repetition")] = 1.0
     keys = np.zeros((r, 2), np.uint32)
+    history = {rid: h for rid, h in (history or {}).items()
+               if rid in {row.request_id for row in rows}}
+    width_p = bucket(max((len(h[0]) for h in history.values()), default=0), 1 << 30, 16)
+    width_o = bucket(max((len(h[1]) for h in history.values()), default=0), 1 << 30, 16)
+    prompt_hist = np.full((r, width_p if history else 0), -1, np.int32)
+    output_hist = np.full((r, width_o if history else 0), -1, np.int32)
     for i, row in enumerate(rows):
         n = len(row.token_ids)
         slots[i], starts[i], lengths[i] = row.slot, row.start, n
@@ -299,7 +323,13 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
         steps[i] = row.num_steps
         ids = sorted(stop_ids.get(row.request_id, ()))
         stops[i, :len(ids)] = ids
-        temperature[i], top_k[i], top_p[i], keys[i] = sampling[row.request_id]
+        row_sampling = sampling[row.request_id]
+        keys[i] = row_sampling.key
+        settings[i] = row_sampling[:-1]
+        if row.request_id in history:
+            prompt, output = history[row.request_id]
+            prompt_hist[i, :len(prompt)] = prompt
+            output_hist[i, :len(output)] = output
     entries = np.zeros((num_entries, 2), np.int32)
     if num_entries:
         pairs = [(i, c) for i, row in enumerate(rows) for c in range(len(row.pages))]
@@ -307,8 +337,32 @@ def build_batch(rows: list, *, max_seqs: int, num_rows: int, num_tokens: int, nu
             raise ValueError(f"{len(pairs)} page entries exceed num_entries={num_entries}")
         entries[:, 0] = r
         entries[:len(pairs)] = pairs
+    col = {name: settings[:, i] for i, name in enumerate(RowSampling._fields[:-1])}
+    penalties = dict(presence=col["presence"].astype(np.float32),
+                     frequency=col["frequency"].astype(np.float32),
+                     repetition=col["repetition"].astype(np.float32)) if history else {}
     return StepBatch(slots=slots, tokens=tokens, starts=starts, num_tokens=lengths,
                      page_table=table, window_table=window, admitted=admitted, clock=clock,
                      out_index=out_index, steps=steps, stop_ids=stops, entries=entries,
-                     sampling=SamplingArrays(temperature=temperature, top_k=top_k, top_p=top_p,
-                                             keys=keys))
+                     prompt_history=prompt_hist, output_history=output_hist,
+                     sampling=SamplingArrays(
+                         temperature=col["temperature"].astype(np.float32),
+                         top_k=col["top_k"].astype(np.int32),
+                         top_p=col["top_p"].astype(np.float32), keys=keys,
+                         min_p=col["min_p"].astype(np.float32),
+                         min_tokens=col["min_tokens"].astype(np.int32), **penalties))
+
+
+class RowSampling(NamedTuple):
+    """One request's sampling settings as the device takes them (`SamplingArrays`' fields):
+    top_k 0 is off; key the raw PRNG key [2] uint32 (last)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    min_tokens: int
+    presence: float
+    frequency: float
+    repetition: float
+    key: np.ndarray

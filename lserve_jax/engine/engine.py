@@ -44,7 +44,8 @@ from lserve_jax import head_pattern, inputs
 from lserve_jax.engine import device
 from lserve_jax.engine.pages import PagePool
 from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_quota
-from lserve_jax.sampling import SamplingParams
+from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
 from models.attention import AttentionConfig
@@ -52,7 +53,7 @@ from models.attention import AttentionConfig
 log = logging.getLogger("lserve_jax")
 
 ATTENTION_CHOICES = ("dense", "lserve")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_KV_CACHE_GB = 1.0  # default pool on the CPU (no device memory to measure)
 GPU_MEMORY_FRACTION = 0.9  # weights plus KV cache, of the device's memory
 MIN_DECODE_ROWS = 4
@@ -116,78 +117,73 @@ def _signature(tree) -> tuple:
                           for x in leaves)
 
 
+def completion_seed(seed: int, index: int) -> int:
+    """The seed of completion `index` of a request seeded `seed`: the seed itself for the
+    first, a seed derived from (seed, index) for the others (all reproducible)."""
+    if index == 0:
+        return seed
+    state = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) % inputs.SEED_LIMIT
+
+
+def _find_stop(text: str, stops: Sequence[str], before: int) -> tuple[int, str] | None:
+    """The earliest stop string in `text` that ends after position `before` (where the text
+    grew): (its start, the string), or None."""
+    best = None
+    for stop in stops:
+        at = text.find(stop, max(before - len(stop) + 1, 0))
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop)
+    return best
+
+
 def default_impl() -> str:
     """Pallas kernels on a GPU, their XLA references elsewhere."""
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 @dataclasses.dataclass
-class RequestMetrics:
-    """Timings (time.perf_counter seconds) and counts of one request."""
+class _Parent:
+    """Host state of one request: its prompt and its completions (`SamplingParams.n`)."""
 
-    arrival_time: float
-    num_prompt_tokens: int
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
-    num_generated_tokens: int = 0
-    num_prefix_hit_tokens: int = 0
-    num_preemptions: int = 0
-
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token, from arrival."""
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.finished_time is None or self.first_token_time is None:
-            return None
-        if self.num_generated_tokens < 2:
-            return None
-        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
-
-    @property
-    def latency(self) -> float | None:
-        return None if self.finished_time is None else self.finished_time - self.arrival_time
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """A request's state after a step (and its result, once `finished`).
-
-    token_ids are all generated ids so far (a stop token included); new_token_ids and new_text
-    what this step added. finish_reason: "stop" (stop/EOS token), "length" (max_tokens or the
-    context is full), "abort", or "error" (`error` says why); None while running.
-    """
-
+    request_id: Hashable
     prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str | None
-    error: str | None = None
-    request_id: Hashable = None
-    new_token_ids: list[int] = dataclasses.field(default_factory=list)
-    new_text: str = ""
-    finished: bool = True
-    metrics: RequestMetrics | None = None
+    prompt_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    label: str  # how errors name the request ("request 'a'", "prompt 0")
+    children: list["_Live"] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
 
 
 @dataclasses.dataclass
 class _Live:
-    """Host state of one request the engine has not finished yet."""
+    """Host state of one completion (a scheduler request, keyed (request id, index)).
 
+    text: the detokenized text of its kept tokens (cut at a stop string); `released` of its
+    characters have been handed out (the rest may still start a stop string)."""
+
+    parent: _Parent
+    index: int
     request: Request
-    prompt: str | None
     stop_ids: frozenset[int]
-    sampling: tuple
-    metrics: RequestMetrics
+    sampling: device.RowSampling
     stream: object | None
-    label: str = ""  # how errors name the request ("request 'a'", "prompt 0")
     text: str = ""
+    released: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
     error: str | None = None
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    new_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.parent.request_id, self.index)
 
 
 class Engine:
@@ -208,7 +204,7 @@ class Engine:
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
-                 dtype: str = "float32", impl: str | None = None, verify: bool = False,
+                 dtype: str = "auto", impl: str | None = None, verify: bool = False,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, kv_cache_memory_gb: float | None = None,
                  num_pages: int | None = None, enable_prefix_caching: bool = True,
@@ -239,6 +235,9 @@ class Engine:
 
         self._ckpt = ckpt
         self.compilation_cache = checkpoint.enable_compilation_cache()
+        if dtype == "auto":
+            dtype = checkpoint.auto_dtype(ckpt, jax.default_backend())
+        self.dtype = dtype
         path, self.config, self.params, self.tokenizer = checkpoint.load_model(
             ckpt, dtype=dtype, verify=verify)
         self.checkpoint_path = path
@@ -285,7 +284,8 @@ class Engine:
             window=window, long_prefill_token_threshold=(
                 max_num_batched_tokens // 4 if long_prefill_token_threshold is None
                 else long_prefill_token_threshold))
-        self._live: dict[Hashable, _Live] = {}
+        self._parents: dict[Hashable, _Parent] = {}  # requests waiting or running
+        self._live: dict[Hashable, _Live] = {}  # their unfinished completions, by key
         self._state_signature = _signature((self.params, self.cache))
         self._seed_rng = np.random.default_rng()
         self._auto_ids = itertools.count()
@@ -385,19 +385,19 @@ class Engine:
 
     def add_request(self, request_id: Hashable | None, prompt,
                     sampling_params: SamplingParams | None = None) -> Hashable:
-        """Queue a request: a prompt (text or token ids) and its SamplingParams. Generation
-        ends at a stop token, at `max_tokens`, or when the request fills `max_model_len`
-        (finish "length"). Bad input (an empty prompt, ids outside the vocabulary, a prompt
-        that leaves no room in the context or can never fit the pool, a duplicate id) raises
-        ValueError or TypeError, and nothing changes. Returns the request id (a fresh one
-        when `request_id` is None)."""
+        """Queue a request: a prompt (text or token ids) and its SamplingParams (`n`
+        completions). A completion ends at a stop token or string, at `max_tokens`, or when it
+        fills `max_model_len` (finish "length"). Bad input (an empty prompt, ids outside the
+        vocabulary, a prompt that leaves no room in the context or can never fit the pool,
+        stop strings without a tokenizer, a duplicate id) raises ValueError or TypeError, and
+        nothing changes. Returns the request id (a fresh one when `request_id` is None)."""
         return self._add_request(request_id, prompt, sampling_params, None)
 
     def _add_request(self, request_id, prompt, sampling_params, name: str | None) -> Hashable:
         """`add_request`, with errors about the prompt naming it `name` (default: the id)."""
         if request_id is None:
             request_id = f"req-{next(self._auto_ids)}"
-        if request_id in self._live:
+        if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already waiting or running")
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -406,28 +406,60 @@ class Engine:
                             f"{type(sampling_params).__name__}")
         name = name or f"request {request_id!r}"
         text, ids = self._prompt_ids(prompt, name)
-        stops = self._stop_ids(sampling_params)
+        sp = sampling_params
+        stops = self._stop_ids(sp)
+        if sp.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none (use "
+                             "stop_token_ids)")
         room = self.max_model_len - len(ids)
-        sp = dataclasses.replace(sampling_params,
-                                 max_tokens=min(sampling_params.max_tokens, room))
-        seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, inputs.SEED_LIMIT))
-        request = Request(request_id, ids, sp)
-        self.scheduler.add(request)  # raises (nothing changed) if it can never fit
-        self._live[request_id] = _Live(
-            request=request, prompt=text, stop_ids=stops, label=name,
-            sampling=(sp.temperature, max(sp.top_k, 0), sp.top_p, inputs.seed_key(seed)),
-            metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)),
-            stream=self.tokenizer.decode_stream() if self.tokenizer is not None else None)
+        limit = room if sp.max_tokens is None else min(sp.max_tokens, room)
+        run_sp = dataclasses.replace(sp, max_tokens=limit, min_tokens=min(sp.min_tokens, limit))
+        parent = _Parent(request_id=request_id, prompt=text, prompt_ids=ids, params=sp,
+                         metrics=RequestMetrics(arrival_time=time.perf_counter(),
+                                                num_prompt_tokens=len(ids)), label=name)
+        base_seed = sp.seed if sp.seed is not None else None
+        added = []
+        try:
+            for index in range(sp.n):
+                seed = (int(self._seed_rng.integers(0, inputs.SEED_LIMIT)) if base_seed is None
+                        else completion_seed(base_seed, index))
+                request = Request((request_id, index), ids, run_sp)
+                self.scheduler.add(request)  # raises (nothing changed) if it can never fit
+                added.append(request.request_id)
+                stream = (self.tokenizer.decode_stream(sp.skip_special_tokens)
+                          if self.tokenizer is not None else None)
+                parent.children.append(_Live(
+                    parent=parent, index=index, request=request, stop_ids=stops, stream=stream,
+                    sampling=device.RowSampling(
+                        temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p,
+                        min_p=sp.min_p, min_tokens=run_sp.min_tokens,
+                        presence=sp.presence_penalty, frequency=sp.frequency_penalty,
+                        repetition=sp.repetition_penalty, key=inputs.seed_key(seed)),
+                    logprobs=[] if sp.logprobs is not None else None,
+                    cumulative_logprob=0.0 if sp.logprobs is not None else None))
+        except Exception:
+            for key in added:
+                self.scheduler.abort(key)
+            raise
+        self._parents[request_id] = parent
+        for child in parent.children:
+            self._live[child.key] = child
         return request_id
 
     def abort_request(self, request_id: Hashable) -> RequestOutput:
-        """Finish a waiting or running request now (finish "abort"), freeing its pages.
-        KeyError for an id that is not waiting or running."""
-        request = self.scheduler.abort(request_id)
-        live = self._live.pop(request_id)
-        live.metrics.finished_time = time.perf_counter()
+        """Finish a waiting or running request now (its unfinished completions with finish
+        "abort"), freeing its pages. KeyError for an id that is not waiting or running."""
+        parent = self._parents.pop(request_id)
+        for child in parent.children:
+            if child.finish_reason is None:
+                self.scheduler.abort(child.key)
+                del self._live[child.key]
+                child.finish_reason = "abort"
+                if child.stream is not None:
+                    child.text += child.stream.flush()
+        parent.metrics.finished_time = time.perf_counter()
         self.counters["aborted"] += 1
-        return self._output(live, [], finished=True, reason="abort")
+        return self._output(parent)
 
     def reset_prefix_cache(self) -> int:
         """Forget the prefix cache's pages that no running request holds (for example before
@@ -441,7 +473,7 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def num_unfinished_requests(self) -> int:
-        return len(self._live)
+        return len(self._parents)
 
     def stats(self) -> dict:
         """Engine counters (cumulative) and gauges, for metrics."""
@@ -454,13 +486,13 @@ class Engine:
         finish), in plan order."""
         plan = self.scheduler.schedule(self.num_scheduler_steps)
         now = time.perf_counter()
-        for rid in plan.preempted:
-            self._live[rid].metrics.num_preemptions += 1
+        for key in plan.preempted:
+            self._live[key].parent.metrics.num_preemptions += 1
         for row in plan.rows:
-            metrics = self._live[row.request_id].metrics
+            metrics = self._live[row.request_id].parent.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        results: dict[Hashable, tuple[list[int], bool]] = {}
+        results: dict[Hashable, tuple] = {}
         decode = [r for r in plan.rows if r.is_decode]
         prefill = [r for r in plan.rows if not r.is_decode]
         for group in device.group_prefill_rows([len(r.token_ids) for r in prefill],
@@ -468,73 +500,128 @@ class Engine:
             results.update(self._run([prefill[i] for i in group], decode=False))
         if decode:
             results.update(self._run(decode, decode=True))
-        sampled, finished, errors = {}, {}, {}
+        sampled, finished = {}, {}
         for row in plan.rows:
             if not row.sample:
                 continue
-            tokens, bad = results[row.request_id]
             live = self._live[row.request_id]
-            stop = next((i for i, t in enumerate(tokens) if t in live.stop_ids), None)
-            if stop is not None:
-                tokens, bad = tokens[:stop + 1], False
-                finished[row.request_id] = "stop"
+            tokens, reason = self._accept(live, row.num_output_tokens, *results[row.request_id])
             if tokens:
                 sampled[row.request_id] = tokens
-            if bad:
-                n = row.num_output_tokens + len(tokens)
-                finished[row.request_id] = "error"
-                errors[row.request_id] = (
-                    f"{live.label}: non-finite logits (NaN or inf) for generated "
-                    f"token {n}; generation stopped after {n} tokens. The checkpoint may be "
-                    "damaged (check it with --verify) or the computation overflowed (try "
-                    "float32)")
-                log.error(errors[row.request_id])
+            if reason is not None:
+                finished[row.request_id] = reason
         done = {r.request_id for r in self.scheduler.update(plan, sampled, finished)}
         self.counters["steps"] += 1
         now = time.perf_counter()
-        outputs = []
+        progressed = {}
         for row in plan.rows:
             live = self._live.get(row.request_id)
             if live is None:
                 continue
+            parent = live.parent
             new = sampled.get(row.request_id, [])
             if new:
-                live.metrics.num_generated_tokens += len(new)
-                if live.metrics.first_token_time is None:
-                    live.metrics.first_token_time = now
-                    live.metrics.num_prefix_hit_tokens = live.request.num_prefix_hit_tokens
-            if row.request_id in errors:
-                live.error = errors[row.request_id]
+                live.new_ids.extend(new)
+                parent.metrics.num_generated_tokens += len(new)
+                if parent.metrics.first_token_time is None:
+                    parent.metrics.first_token_time = now
+                    parent.metrics.num_prefix_hit_tokens = live.request.num_prefix_hit_tokens
             if row.request_id in done:
-                live.metrics.finished_time = now
                 del self._live[row.request_id]
+                live.finish_reason = live.request.finish_reason
+                if not isinstance(live.stop_reason, str) and live.stream is not None:
+                    live.text += live.stream.flush()  # not cut at a stop string
+                self.counters["errors"] += live.finish_reason == "error"
+            if new or row.request_id in done:
+                progressed[parent.request_id] = parent
+        outputs = []
+        for parent in progressed.values():
+            if parent.finished:
+                parent.metrics.finished_time = now
+                del self._parents[parent.request_id]
                 self.counters["finished"] += 1
-                self.counters["errors"] += row.request_id in errors
-                outputs.append(self._output(live, new, finished=True,
-                                            reason=live.request.finish_reason))
-            elif new:
-                outputs.append(self._output(live, new, finished=False, reason=None))
+            outputs.append(self._output(parent))
         return outputs
 
-    def _output(self, live: _Live, new: list[int], *, finished: bool,
-                reason: str | None) -> RequestOutput:
-        request = live.request
-        ids = list(request.output_ids)
-        new_text = ""
-        if live.stream is not None:
-            new_text = live.stream.step(ids)
-            if finished:
-                new_text += live.stream.flush(ids)
-            live.text += new_text
-        return RequestOutput(
-            prompt=live.prompt, prompt_token_ids=list(request.prompt_ids), token_ids=ids,
-            text=live.text if live.stream is not None else None, finish_reason=reason,
-            error=live.error, request_id=request.request_id, new_token_ids=list(new),
-            new_text=new_text, finished=finished, metrics=live.metrics)
+    def _accept(self, live: _Live, index: int, tokens: list[int], bad: bool,
+                logprobs: list | None) -> tuple[list[int], str | None]:
+        """The tokens a completion keeps of those it sampled (output numbers index...), and
+        its finish reason if they end it: cut after a stop token, or after the token that
+        completes a stop string (the text is cut at the string); "error" if the logits after
+        the kept tokens were not finite. Detokenizes and records logprobs as it goes."""
+        sp = live.parent.params
+        kept, reason = [], None
+        for j, token in enumerate(tokens):
+            kept.append(token)
+            if logprobs is not None and live.logprobs is not None:
+                live.logprobs.append(self._logprob_entry(token, logprobs[j], sp.logprobs))
+                live.cumulative_logprob += live.logprobs[-1][token].logprob
+            if token in live.stop_ids:
+                reason = "stop"
+                live.stop_reason = token if token in sp.stop_token_ids else None
+                if sp.include_stop_str_in_output and live.stream is not None:
+                    live.text += live.stream.add(token)
+                break
+            if live.stream is None:
+                continue
+            before = len(live.text)
+            live.text += live.stream.add(token)
+            if sp.stop and index + j + 1 >= sp.min_tokens:
+                hit = _find_stop(live.text, sp.stop, before)
+                if hit is not None:
+                    at, stop = hit
+                    live.text = live.text[:at + len(stop) if sp.include_stop_str_in_output else at]
+                    live.stop_reason, reason = stop, "stop"
+                    break
+        if bad and reason is None:
+            n = index + len(kept)
+            reason = "error"
+            live.error = (f"{live.parent.label}: non-finite logits (NaN or inf) for generated "
+                          f"token {n}; generation stopped after {n} tokens. The checkpoint may "
+                          "be damaged (check it with --verify) or the computation overflowed "
+                          "(try float32)")
+            log.error(live.error)
+        return kept, reason
 
-    def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple[list[int], bool]]:
+    def _logprob_entry(self, token: int, row: tuple, k: int) -> dict:
+        """{token id: Logprob} of one generated token: itself, then the k most likely."""
+        chosen, rank, top_ids, top_vals = row
+        text = (lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+                if self.tokenizer is not None else None)
+        entry = {token: Logprob(float(chosen), int(rank), text(token))}
+        for r, (t, v) in enumerate(zip(top_ids[:k], top_vals[:k])):
+            entry.setdefault(int(t), Logprob(float(v), r + 1, text(int(t))))
+        return entry
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        """The request's RequestOutput now, handing out what each completion added since the
+        last one (the text of a running completion with stop strings keeps back what could
+        still start one)."""
+        sp = parent.params
+        hold = 0 if sp.include_stop_str_in_output else max((len(t) for t in sp.stop), default=1) - 1
+        completions = []
+        for live in parent.children:
+            upto = len(live.text) if live.finish_reason is not None else \
+                max(len(live.text) - hold, live.released)
+            new_text = live.text[live.released:upto]
+            live.released = upto
+            completions.append(CompletionOutput(
+                index=live.index,
+                text=live.text[:upto] if live.stream is not None else None,
+                token_ids=list(live.request.output_ids), finish_reason=live.finish_reason,
+                stop_reason=live.stop_reason,
+                logprobs=list(live.logprobs) if live.logprobs is not None else None,
+                cumulative_logprob=live.cumulative_logprob, new_token_ids=live.new_ids,
+                new_text=new_text, error=live.error))
+            live.new_ids = []
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=list(parent.prompt_ids), outputs=completions,
+            finished=parent.finished, metrics=parent.metrics)
+
+    def _run(self, rows: list, *, decode: bool) -> dict[Hashable, tuple]:
         """One device call for `rows` (all decode rows, or all prefill rows); returns each
-        row's (sampled tokens, logits not finite after them)."""
+        row's (sampled tokens, logits not finite after them, per-token logprob rows or None)."""
         width = max(len(r.pages) for r in rows)
         # Few shapes, so few compiles: decode rows in buckets of at least MIN_DECODE_ROWS (a
         # decode step reads every weight whatever its rows), page-table widths of at least
@@ -547,34 +634,44 @@ class Engine:
             # The CPU gathers what it reads: each row's own pages, not the widest row's.
             entries = device.bucket(sum(len(r.pages) for r in rows), shape[0] * shape[2],
                                     MIN_PAGE_COLUMNS)
+        lives = [self._live[r.request_id] for r in rows]
+        history = {r.request_id: (live.request.prompt_ids,
+                                  live.request.output_ids[:r.num_output_tokens])
+                   for r, live in zip(rows, lives) if live.parent.params.has_penalties}
+        k = MAX_LOGPROBS if any(live.logprobs is not None for live in lives) else -1
         batch = device.build_batch(rows, max_seqs=self.max_num_seqs, num_rows=shape[0],
                                    num_tokens=shape[1], num_columns=shape[2],
-                                   num_entries=entries,
-                                   sampling={r.request_id: self._live[r.request_id].sampling
-                                             for r in rows},
-                                   stop_ids={r.request_id: self._live[r.request_id].stop_ids
-                                             for r in rows},
+                                   num_entries=entries, history=history,
+                                   sampling={r.request_id: live.sampling
+                                             for r, live in zip(rows, lives)},
+                                   stop_ids={r.request_id: live.stop_ids
+                                             for r, live in zip(rows, lives)},
                                    first_window_page=self.cache.first_window_page)
         if not decode:
             fresh = not any(r.start for r in rows)  # attend within the chunk
-            exe = self._compiled(device.prefill_step, batch, dict(fresh=fresh))
+            exe = self._compiled(device.prefill_step, batch,
+                                 dict(fresh=fresh, num_logprobs=k))
             t0 = time.perf_counter()
-            self.cache, tokens, bad = exe(self.params, self.cache, batch)
-            tokens, bad = jax.device_get((tokens, bad))
+            self.cache, tokens, bad, logprobs = exe(self.params, self.cache, batch)
+            tokens, bad, logprobs = jax.device_get((tokens, bad, logprobs))
             self.counters["prefill_s"] += time.perf_counter() - t0
             self.counters["prefill_calls"] += 1
             self.counters["prefill_tokens"] += sum(len(r.token_ids) for r in rows)
-            return {r.request_id: ([] if bad[i] else [int(tokens[i])], bool(bad[i]))
+            return {r.request_id: ([] if bad[i] else [int(tokens[i])], bool(bad[i]),
+                                   [tuple(x[i] for x in logprobs)] if logprobs else None)
                     for i, r in enumerate(rows)}
-        exe = self._compiled(device.decode_step, batch, dict(num_steps=self.num_scheduler_steps))
+        exe = self._compiled(device.decode_step, batch,
+                             dict(num_steps=self.num_scheduler_steps, num_logprobs=k))
         t0 = time.perf_counter()
-        self.cache, tokens, counts, error_at = exe(self.params, self.cache, batch)
-        tokens, counts, error_at = jax.device_get((tokens, counts, error_at))
+        self.cache, tokens, counts, error_at, logprobs = exe(self.params, self.cache, batch)
+        tokens, counts, error_at, logprobs = jax.device_get((tokens, counts, error_at, logprobs))
         self.counters["decode_s"] += time.perf_counter() - t0
         self.counters["decode_calls"] += 1
         self.counters["decode_tokens"] += int(np.sum(np.minimum(counts + (error_at >= 0),
                                                                 batch.steps)))
-        return {r.request_id: ([int(t) for t in tokens[i, :counts[i]]], bool(error_at[i] >= 0))
+        return {r.request_id: ([int(t) for t in tokens[i, :counts[i]]], bool(error_at[i] >= 0),
+                               [tuple(x[i, j] for x in logprobs) for j in range(counts[i])]
+                               if logprobs else None)
                 for i, r in enumerate(rows)}
 
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
@@ -604,15 +701,20 @@ class Engine:
 
     def chat_prompt(self, message: str) -> str:
         """Render one user message with the tokenizer's chat template."""
+        return self.render_chat([{"role": "user", "content": message}])
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Render a conversation (checked by `inputs.check_messages`) with the tokenizer's
+        chat template, ending with the assistant's generation prompt."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: chat needs one")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
+        return self.tokenizer.apply_chat_template(inputs.check_messages(messages),
                                                   add_generation_prompt=True)
 
     def run_until_done(self, request_ids: Sequence[Hashable] | None = None
                        ) -> dict[Hashable, RequestOutput]:
         """Step until the given requests (default: all) finish; their final outputs."""
-        wanted = set(self._live) if request_ids is None else set(request_ids)
+        wanted = set(self._parents) if request_ids is None else set(request_ids)
         final = {}
         while wanted - set(final):
             for out in self.step():
