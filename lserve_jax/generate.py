@@ -20,23 +20,11 @@ from models.sparsity import PAGE_SELECTIONS
 
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
-                "num_scheduler_steps", "long_prefill_token_threshold")
+                "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lserve_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="converted checkpoint dir, HF checkpoint dir, or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="plain-completion prompt")
-    text.add_argument("--chat", metavar="MESSAGE",
-                      help="user message, rendered with the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, attention, sparsity and engine flags (shared with `lserve_jax.serve`)."""
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: float32 on the CPU, the checkpoint's 16-bit dtype on a GPU")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="dense")
@@ -65,6 +53,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's checksum before loading (sizes are "
                    "always checked)")
+    engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false", default=None,
+                        help="do not share the pages of identical prompt prefixes")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """`LLM` / `Engine` keyword arguments of the flags `add_engine_arguments` added."""
+    knobs = {name: getattr(args, name) for name in SparsityConfig.field_names() + ENGINE_KNOBS
+             if getattr(args, name) is not None}
+    return dict(attention=args.attention, dtype=args.dtype, impl=args.impl,
+                verify=args.verify, **knobs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lserve_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="converted checkpoint dir, HF checkpoint dir, or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="plain-completion prompt")
+    text.add_argument("--chat", metavar="MESSAGE",
+                      help="user message, rendered with the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    add_engine_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     p.add_argument("-v", "--verbose", action="store_true", help="log compiles")
     return p
@@ -89,13 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("lserve_jax").setLevel(logging.INFO)
-    knobs = {name: getattr(args, name) for name in SparsityConfig.field_names() + ENGINE_KNOBS
-             if getattr(args, name) is not None}
     try:
         sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        llm = LLM(args.ckpt, attention=args.attention, dtype=args.dtype, impl=args.impl,
-                  verify=args.verify, **knobs)
+        llm = LLM(args.ckpt, **engine_kwargs(args))
         prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
         if llm.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; the CLI needs one for text prompts")

@@ -148,3 +148,26 @@ def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddi
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_from / name, src / name)
     return convert.convert(src, tmp_path_factory.mktemp("conv") / "tiny", progress=False)
+
+
+WORDS = [f"w{i}" for i in range(125)] + ["system", "assistant", "user"]  # id -> text
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['role'] }} {{ m['content'] }} w4 "
+                      "{% endfor %}{% if add_generation_prompt %}w3 assistant {% endif %}")
+
+
+def convert_word_llama(tmp_path_factory, *, max_position_embeddings=256):
+    """The tiny random Llama (128 ids) with a word-level tokenizer over `WORDS` (text is the
+    ids' words joined by spaces: "w5 w17 ..."), EOS "w2" and a small chat template."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    src = tmp_path_factory.mktemp("tok")
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "w2", "chat_template": WORD_CHAT_TEMPLATE}))
+    return convert_tiny_llama(tmp_path_factory, vocab_size=len(WORDS),
+                              max_position_embeddings=max_position_embeddings,
+                              tokenizer_from=src)

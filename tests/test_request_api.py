@@ -4,38 +4,22 @@ stop strings cut on the detokenized text across token boundaries, vLLM's output 
 `LLM.chat`. A tiny random Llama (f32, CPU) with a word-level tokenizer over its 128 ids, so
 text is predictable ("w5 w17 ...")."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import convert_tiny_llama
+from conftest import WORDS, convert_word_llama
 from lserve_jax import LLM, Engine, SamplingParams
 from lserve_jax.engine.engine import _find_stop, completion_seed
 from lserve_jax.sampling import (SamplingArrays, process_logits, sample, token_counts,
                                  token_logprobs)
 from models import llama
 
-VOCAB = 128
-WORDS = [f"w{i}" for i in range(VOCAB - 3)] + ["system", "assistant", "user"]  # id -> text
-CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['role'] }} {{ m['content'] }} w4 {% endfor %}"
-                 "{% if add_generation_prompt %}w3 assistant {% endif %}")
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    src = tmp_path_factory.mktemp("tok")
-    tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "w2", "chat_template": CHAT_TEMPLATE}))
-    return convert_tiny_llama(tmp_path_factory, vocab_size=VOCAB, max_position_embeddings=256,
-                              tokenizer_from=src)
+    return convert_word_llama(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
