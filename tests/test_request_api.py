@@ -270,3 +270,20 @@ def test_llm_chat_renders_conversations_with_the_template(ckpt):
     assert one.token_ids == want.token_ids and one.prompt == rendered
     both = llm.chat([conversation, conversation[:2]], sp)
     assert len(both) == 2 and both[0].token_ids == want.token_ids
+
+
+def test_auto_dtype_is_float32_on_the_cpu_and_the_checkpoints_16_bit_dtype_elsewhere(tmp_path):
+    import json as _json
+
+    from lserve_jax.checkpoint import auto_dtype
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for stored, want in (("bfloat16", "bfloat16"), ("float16", "float16"),
+                         ("float32", "bfloat16")):
+        (hf / "config.json").write_text(_json.dumps({"torch_dtype": stored}))
+        assert auto_dtype(hf, "gpu") == want
+        assert auto_dtype(hf, "cpu") == "float32"
+    (hf / "config.json").write_text(_json.dumps({"dtype": "float16"}))  # transformers 5 spelling
+    assert auto_dtype(hf, "gpu") == "float16"
+    assert Engine.__init__.__kwdefaults__["dtype"] == "auto"
