@@ -188,6 +188,19 @@ class KVCacheSpec:
                              "and must be >= 0")
         if self.budget_pages is not None and lps is None:
             raise ValueError("page selection (budget_pages) needs logical_page_size statistics")
+        if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+            # A plain cast would wrap values, and integer statistics would turn their -inf /
+            # +inf starting values into -128 / 127, so a fresh logical page would never be
+            # recognised. Quantized pools go through models/quant.py.
+            raise ValueError(f"dtype={self.dtype!r}: the pools hold floats; an integer KV "
+                             "cache needs quantized writes (models/quant.py), not a cast")
+
+    @property
+    def stats_dtype(self):
+        """The key statistics' dtype: always a float type (the pools' when they hold floats;
+        they are the max and min of unquantized keys, exact in it)."""
+        dtype = jnp.dtype(self.dtype)
+        return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
     @property
     def max_seq_len(self) -> int:
@@ -219,7 +232,8 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     # Statistics are kept in the pool's dtype (16-bit for bf16/f16 models, as LServe keeps
     # them): the max and min of stored keys are exact in it, and a selection step reads half the
     # bytes of f32.
-    stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill, dtype)  # noqa: E731
+    stat = lambda h, fill: jnp.full((h, spec.num_pages, per_page, d), fill,  # noqa: E731
+                                    spec.stats_dtype)
     if spec.has_streaming:
         n = spec.streaming_layout.num_pages
         stream_pages = 1 + spec.max_seqs * n + spec.num_window_pages

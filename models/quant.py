@@ -1,0 +1,98 @@
+"""KV-cache quantization: the arithmetic that writes quantize with and reads dequantize with.
+
+Two formats (LServe §5 runs an 8-bit KV cache with per-tensor static scales, as QServe's
+checkpoints do; its paper also offers 4 bits):
+
+- int8: symmetric, one static scale per layer for K and one for V (float32 scalars, from a
+  calibration pass or given by the user): q = clip(round(x * (1 / scale)), -127, 127) as int8, and
+  x ~ q * scale. Values beyond 127 scales are clipped, never wrapped; -128 is not used, so the
+  range is symmetric.
+- int4: asymmetric per (token, KV head) over the head_dim channels, with a 16-bit (float16)
+  scale and zero point: scale = (max - min) / 15, zero = min (both rounded to float16 first, so
+  writer and reader use the same values), q = clip(round((x - zero) / scale), 0, 15), two
+  values per byte along head_dim (channel 2i in the low nibble, 2i + 1 in the high one); a
+  head_dim must be even. x ~ q * scale + zero.
+
+Rounding is half to even (`jnp.round`, as NumPy's). Every function is plain jnp, usable inside
+a kernel's body or a jitted step; `tests/test_quant.py` checks them against NumPy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KV_CACHE_DTYPES = ("auto", "int8", "int4")
+INT8_MAX = 127
+INT4_LEVELS = 15  # q in [0, 15]
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, head_dim: int) -> str:
+    """The KV cache dtype name, if it is one of KV_CACHE_DTYPES and fits the head_dim."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
+    if kv_cache_dtype == "int4" and head_dim % 2:
+        raise ValueError(f"kv_cache_dtype='int4' packs two values per byte along head_dim; "
+                         f"head_dim={head_dim} is odd")
+    return kv_cache_dtype
+
+
+def check_scale(name: str, scale) -> float:
+    """A per-tensor int8 scale: a finite float > 0."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}={scale!r} must be a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name}={scale!r} must be finite and > 0")
+    return value
+
+
+def quantize_int8(x: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """x (any float) times 1 / scale (in float32: a multiply, exact the same wherever it is
+    computed, which a division is not under XLA's rewrites), rounded and clipped to
+    [-127, 127], as int8."""
+    inverse = 1.0 / jnp.asarray(scale, jnp.float32)
+    q = jnp.round(x.astype(jnp.float32) * inverse)
+    return jnp.clip(q, -INT8_MAX, INT8_MAX).astype(jnp.int8)
+
+
+def dequantize_int8(q: jax.Array, scale: jax.Array | float,
+                    dtype=jnp.float32) -> jax.Array:
+    return (q.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)).astype(dtype)
+
+
+def int8_scale(absmax: jax.Array | float) -> jax.Array:
+    """The symmetric scale that maps |x| <= absmax onto [-127, 127] (absmax 0: scale 1)."""
+    absmax = jnp.asarray(absmax, jnp.float32)
+    return jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
+
+
+def quantize_int4(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] (D even) -> (packed [..., D/2] uint8, scale [...] float16, zero [...]
+    float16): asymmetric over the last axis (one token of one head)."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"int4 packing needs an even last axis, got {d}")
+    x = x.astype(jnp.float32)
+    lo, hi = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
+    scale = jnp.where(hi > lo, (hi - lo) / INT4_LEVELS, 1.0).astype(jnp.float16)
+    zero = lo.astype(jnp.float16)
+    s, z = scale.astype(jnp.float32)[..., None], zero.astype(jnp.float32)[..., None]
+    q = jnp.clip(jnp.round((x - z) / s), 0, INT4_LEVELS).astype(jnp.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return packed, scale, zero
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """packed [..., D/2] uint8 -> q [..., D] uint8 in [0, 15] (low nibble first)."""
+    low, high = packed & 0xF, packed >> 4
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def dequantize_int4(packed: jax.Array, scale: jax.Array, zero: jax.Array,
+                    dtype=jnp.float32) -> jax.Array:
+    """The inverse of `quantize_int4` (up to rounding): q * scale + zero, [..., D]."""
+    q = unpack_int4(packed).astype(jnp.float32)
+    out = q * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]
+    return out.astype(dtype)
