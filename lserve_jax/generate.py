@@ -20,7 +20,8 @@ from models.sparsity import PAGE_SELECTIONS
 
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
-                "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching")
+                "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching",
+                "kv_cache_dtype")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's checksum before loading (sizes are "
                    "always checked)")
+    engine.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default=None,
+                        help="auto: the model's dtype; int8: one static scale per layer for "
+                        "K and V (calibrated once, stored beside the checkpoint)")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=None,
                         help="do not share the pages of identical prompt prefixes")

@@ -188,7 +188,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
         hi_d = jnp.clip(lengths[:, None, None] - columns * page_size, 0, page_size)
         count_d = jnp.broadcast_to(dense_count[:, None], columns.shape[:2])
         parts.append((pages_d, jnp.zeros_like(pages_d), hi_d.astype(jnp.int32), count_d))
-        pools.append((cache.k[layer], cache.v[layer]))
+        pools.append(cache.pool("k", layer))
     if stream:
         layout = config.sparsity.streaming_layout
         lo_s, hi_s = streaming_pool.page_ranges(layout, lengths)  # [B, n]
@@ -196,7 +196,7 @@ def decode_attention(q: jax.Array, cache: KVCache, slots: jax.Array, lengths: ja
         widen = lambda x: jnp.broadcast_to(x[:, None], shape)  # noqa: E731
         parts.append((widen(cache.stream_table[slots]), widen(lo_s), widen(hi_s),
                       jnp.full(shape[:2], layout.num_pages, jnp.int32)))
-        pools.append((cache.sk[layer], cache.sv[layer]))
+        pools.append(cache.pool("sk", layer))
     # List t = head * lists_per_head + j in head order is list `order[t]` of the parts'
     # concatenation, reading KV head `sources[t][1]` of pool `sources[t][0]`.
     order, sources = [], []
@@ -238,22 +238,23 @@ def _entry_attention(q: jax.Array, pool: tuple[jax.Array, jax.Array], table: jax
                      lengths: jax.Array, entries: jax.Array) -> jax.Array:
     """Dense heads' decode attention over ragged page entries (the CPU path).
 
-    q [B, H, G, D] (one list per KV head); pool (k, v) [H, P, S, D]; table [B, W] the rows'
-    page tables; lengths [B]; entries [E, 2] (row, column), rows >= B padding. Each entry's
-    page is gathered once for its row, scored against that row's queries, and the softmax is
+    q [B, H, G, D] (one list per KV head); pool (k, v) [H, P, S, D] (or with their int8
+    scales, `KVCache.pool`); table [B, W] the rows' page tables; lengths [B]; entries [E, 2]
+    (row, column), rows >= B padding. Each entry's page is gathered once for its row, scored against that row's queries, and the softmax is
     taken over each row's entries (segment max and sums). Returns [B, H, G, D] f32, zeros for
     a row with no visible key; equal to attending over the whole table row.
     """
     b, h, g, d = q.shape
-    k_pool, v_pool = pool
+    k_pool, v_pool = pool[0], pool[1]
+    k_scale, v_scale = pool[2:] if len(pool) == 4 else (None, None)
     s = k_pool.shape[2]
     row, col = entries[:, 0], entries[:, 1]
     live = row < b
     r = jnp.clip(row, 0, b - 1)
     page = jnp.where(live, table[r, jnp.clip(col, 0, table.shape[1] - 1)], kv_cache.NULL_PAGE)
     heads = jnp.arange(h)[None, :]
-    keys = gather_pages(k_pool, heads, page[:, None])  # [E, H, S, D]
-    values = gather_pages(v_pool, heads, page[:, None])
+    keys = kv_cache.read_pages(gather_pages(k_pool, heads, page[:, None]), k_scale)  # [E, H, S, D]
+    values = kv_cache.read_pages(gather_pages(v_pool, heads, page[:, None]), v_scale)
     visible = live[:, None] & (col[:, None] * s + jnp.arange(s)[None] < lengths[r][:, None])
     scores = jnp.einsum("ehsd,ehgd->ehgs", keys.astype(jnp.float32), q[r].astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
@@ -431,14 +432,15 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
     s = config.sparsity
     parts = []  # (heads, pool, table, streaming)
     if dense:
-        parts.append((dense, cache.k[0], cache.v[0], cache.page_table[step.slots], False))
+        parts.append((dense, cache.pool("k", 0), cache.page_table[step.slots], False))
     if stream:
         if not cache.window_table.shape[1]:
             raise ValueError("a prefill chunk of a layer with streaming heads needs the cache's "
                              "prefill window pages (KVCacheSpec.num_window_pages)")
-        parts.append((stream, cache.sk[0], cache.sv[0], cache.window_table[step.slots], True))
+        parts.append((stream, cache.pool("sk", 0), cache.window_table[step.slots], True))
     outs = []
-    for heads, kpool, vpool, table, streaming in parts:
+    for heads, pool, table, streaming in parts:
+        k_scale, v_scale = pool[2:] if len(pool) == 4 else (None, None)
         keys = jnp.arange(table.shape[1] * cache.page_size)[None, None]  # [1, 1, K]
         visible = (keys <= query) & step.valid[:, :, None]  # [B, T, K]
         if streaming:
@@ -446,8 +448,9 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
             visible &= mapped[:, None, :] & (
                 (keys < s.ctx_sink_tokens) | (keys > query - s.ctx_local_tokens))
         idx = np.array(heads)
-        outs.append(_softmax_attend(qg[:, :, idx], _gather_keys(kpool, table),
-                                    _gather_keys(vpool, table), visible))
+        outs.append(_softmax_attend(
+            qg[:, :, idx], kv_cache.read_pages(_gather_keys(pool[0], table), k_scale),
+            kv_cache.read_pages(_gather_keys(pool[1], table), v_scale), visible))
     out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(dense + stream)]  # head order
     out = jnp.where(step.valid[:, :, None, None, None], out, 0)
     return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -54,12 +54,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models import streaming_pool
+from models import quant, streaming_pool
 from pallas_kernels import append_tokens
 from models.streaming_pool import StreamingLayout
 
 NULL_PAGE = 0
-PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected")  # KVCache's per-layer tuples
+PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected", "k_scale", "v_scale")
 
 
 @struct.dataclass
@@ -79,6 +79,21 @@ class KVCache:
     selected: tuple[jax.Array, ...]
     selected_num_pages: jax.Array
     decode_steps: jax.Array
+    k_scale: tuple[jax.Array, ...] = ()
+    v_scale: tuple[jax.Array, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        """The pools hold int8 values with per-layer scales (`KVCacheSpec.kv_cache_dtype`)."""
+        return bool(self.k_scale)
+
+    def pool(self, name: str, layer: int) -> tuple:
+        """One layer's (keys, values) of the dense ("k") or streaming ("sk") pool, with
+        their scales when the cache is quantized: (k, v) or (k, v, k_scale, v_scale), the
+        form `pallas_kernels.pooled_decode_attention_reference` reads."""
+        k, v = (self.k, self.v) if name == "k" else (self.sk, self.sv)
+        k, v = k[layer], v[layer]
+        return (k, v, self.k_scale[layer], self.v_scale[layer]) if self.quantized else (k, v)
 
     @property
     def page_size(self) -> int:
@@ -162,6 +177,8 @@ class KVCacheSpec:
     budget_pages: int | None = None
     selection_lists_per_head: int = 1
     num_window_pages: int = 0  # prefill window pages of the streaming pool (see `KVCache`)
+    kv_cache_dtype: str = "auto"  # "auto": the pools hold `dtype`; "int8": models/quant.py
+    kv_scales: tuple[tuple[float, float], ...] | None = None  # int8: (k, v) scale per layer
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "max_seqs",
@@ -193,7 +210,28 @@ class KVCacheSpec:
             # +inf starting values into -128 / 127, so a fresh logical page would never be
             # recognised. Quantized pools go through models/quant.py.
             raise ValueError(f"dtype={self.dtype!r}: the pools hold floats; an integer KV "
-                             "cache needs quantized writes (models/quant.py), not a cast")
+                             "cache needs quantized writes (kv_cache_dtype, models/quant.py), "
+                             "not a cast")
+        quant.check_kv_cache_dtype(self.kv_cache_dtype, self.head_dim)
+        if self.kv_cache_dtype == "int4":
+            raise NotImplementedError("kv_cache_dtype='int4' pages are not stored yet (the "
+                                      "arithmetic is in models/quant.py); use 'int8'")
+        if self.kv_cache_dtype == "int8":
+            scales = self.kv_scales
+            if scales is None or len(scales) != self.num_layers or any(
+                    len(pair) != 2 for pair in scales):
+                raise ValueError(f"kv_cache_dtype='int8' needs kv_scales: one (k_scale, "
+                                 f"v_scale) pair per layer ({self.num_layers})")
+            for layer, (ks, vs) in enumerate(scales):
+                quant.check_scale(f"kv_scales[{layer}] k", ks)
+                quant.check_scale(f"kv_scales[{layer}] v", vs)
+        elif self.kv_scales is not None:
+            raise ValueError("kv_scales are only used with kv_cache_dtype='int8'")
+
+    @property
+    def pool_dtype(self):
+        """What the pools hold: int8 for an int8 KV cache, else `dtype`."""
+        return jnp.dtype(jnp.int8) if self.kv_cache_dtype == "int8" else jnp.dtype(self.dtype)
 
     @property
     def stats_dtype(self):
@@ -223,7 +261,7 @@ class KVCacheSpec:
 
 def init_cache(spec: KVCacheSpec) -> KVCache:
     """An empty cache: zero pools, all pages free except the null page, all slots empty."""
-    dtype = jnp.dtype(spec.dtype)
+    dtype = spec.pool_dtype
     s, d, layers = spec.page_size, spec.head_dim, range(spec.num_layers)
     dense = [len(spec.dense_heads(layer)) for layer in layers]
     pool = lambda h, p: jnp.zeros((h, p, s, d), dtype)  # noqa: E731
@@ -262,6 +300,8 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
                        spec.budget_pages), jnp.int32) for layer in layers) if selecting else (),
         selected_num_pages=jnp.full((spec.max_seqs,), -1, jnp.int32),
         decode_steps=jnp.zeros((spec.max_seqs,), jnp.int32),
+        k_scale=tuple(jnp.float32(ks) for ks, _ in spec.kv_scales) if spec.kv_scales else (),
+        v_scale=tuple(jnp.float32(vs) for _, vs in spec.kv_scales) if spec.kv_scales else (),
     )
 
 
@@ -361,13 +401,22 @@ def token_pages(cache: KVCache, slots: jax.Array, positions: jax.Array,
     return pages, positions % cache.page_size
 
 
-def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Array) -> jax.Array:
-    """Scatter new keys or values into one layer's pool.
+def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Array,
+                scale: jax.Array | None = None) -> jax.Array:
+    """Scatter new keys or values into one layer's pool (quantized with `scale` when the
+    pool holds int8, `quant.quantize_int8`).
 
     pool [Hkv, P, S, D]; pages, offsets [B, T]; x [B, T, Hkv, D] -> pool.
     """
     # [B, T, Hkv, D] -> [Hkv, B, T, D] to line up with pool[:, pages, offsets].
-    return pool.at[:, pages, offsets].set(jnp.moveaxis(x, 2, 0).astype(pool.dtype))
+    x = jnp.moveaxis(x, 2, 0)
+    x = quant.quantize_int8(x, scale) if scale is not None else x.astype(pool.dtype)
+    return pool.at[:, pages, offsets].set(x)
+
+
+def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32) -> jax.Array:
+    """Gathered pool entries as `dtype`: dequantized with `scale` (int8 pools), else cast."""
+    return quant.dequantize_int8(pages, scale, dtype) if scale is not None else pages.astype(dtype)
 
 
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
@@ -431,8 +480,11 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         raise ValueError(f"layer {layer}: the cache holds {cache.k[layer].shape[0]} dense heads, "
                          f"the attention config has {len(dense)}")
     head_dim = k.shape[3]
+    # (the append kernel stores floats: an int8 cache quantizes in the scatter path)
     fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
-             and not head_dim & (head_dim - 1))
+             and not head_dim & (head_dim - 1) and not cache.quantized)
+    ks_, vs_ = ((cache.k_scale[layer], cache.v_scale[layer]) if cache.quantized
+                else (None, None))
     pages, offsets = token_pages(cache, slots, positions, valid)
     # Tokens that are not stored still land in the null page; write zeros there, so a non-finite
     # key or value of one row (a row stopped for NaN logits) never reaches the null page that
@@ -451,8 +503,8 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         if cache.kmax:
             arrays.update(kmax=out[2], kmin=out[3])
     elif not fused:
-        arrays.update(k=write_layer(cache.k[layer], pages, offsets, kd),
-                      v=write_layer(cache.v[layer], pages, offsets, vd))
+        arrays.update(k=write_layer(cache.k[layer], pages, offsets, kd, ks_),
+                      v=write_layer(cache.v[layer], pages, offsets, vd, vs_))
         if cache.kmax:
             arrays["kmax"], arrays["kmin"] = update_key_stats(
                 cache.kmax[layer], cache.kmin[layer], pages, offsets, kd, valid,
@@ -469,14 +521,14 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
                 cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],
                 offsets[:, 0], kept[:, 0], impl="pallas", interpret=interpret)
         else:
-            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks)
-            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs)
+            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks, ks_)
+            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs, vs_)
         if window and cache.window_table.shape[1]:
             pages, offsets = token_pages(cache, slots, positions, valid, cache.window_table)
             kept = valid & (pages != NULL_PAGE)
-            for name, x in (("sk", k), ("sv", v)):
+            for name, x, scale in (("sk", k, ks_), ("sv", v, vs_)):
                 x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
-                arrays[name] = write_layer(arrays[name], pages, offsets, x)
+                arrays[name] = write_layer(arrays[name], pages, offsets, x, scale)
             arrays["sk"], arrays["sv"] = restore_stream_pages(
                 cache, slots, positions[:, 0], lengths, valid[:, 0], arrays["sk"],
                 arrays["sv"], layout)

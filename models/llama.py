@@ -102,14 +102,17 @@ def run_layers(params: dict, cache: KVCache, x: jax.Array, step: LayerStep, *,
 
 def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: int,
                max_seqs: int, max_pages_per_seq: int, dtype: str = "float32",
-               page_size: int | None = None,
-               logical_page_size: int | None = None) -> kv_cache.KVCacheSpec:
+               page_size: int | None = None, logical_page_size: int | None = None,
+               kv_cache_dtype: str = "auto",
+               kv_scales: tuple[tuple[float, float], ...] | None = None
+               ) -> kv_cache.KVCacheSpec:
     """The cache this model needs under `attention`: pages of `attention.sparsity.page_size`
     tokens and, in LServe mode, the dense/streaming head split of the pattern, key statistics
     per `sparsity.logical_page_size` tokens and the page selector's state (LServe §4).
 
     `page_size` and `logical_page_size` may be given to state what the caller expects; they must
-    then equal the config's (the page sizes have one source, the `SparsityConfig`)."""
+    then equal the config's (the page sizes have one source, the `SparsityConfig`).
+    kv_cache_dtype "int8" stores the pools quantized with `kv_scales` (models/quant.py)."""
     s = attention.sparsity
     for name, value in (("page_size", page_size), ("logical_page_size", logical_page_size)):
         if value is not None and value != getattr(s, name):
@@ -126,7 +129,8 @@ def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: in
         streaming_heads=attention.streaming_heads if streaming else None,
         streaming_layout=s.streaming_layout if streaming else None,
         budget_pages=s.budget_pages if lserve else None,
-        selection_lists_per_head=config.num_heads // config.num_kv_heads if per_query_head else 1)
+        selection_lists_per_head=config.num_heads // config.num_kv_heads if per_query_head else 1,
+        kv_cache_dtype=kv_cache_dtype, kv_scales=kv_scales)
 
 
 def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:

@@ -257,7 +257,9 @@ def gather_pages(pool, heads, pages):
 
 def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None, *,
                                       sources, sm_scale=None):
-    """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention`.
+    """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention`, and a
+    pool may also be (k_pages, v_pages, k_scale, v_scale): int8 pages read as value * scale
+    (an int8 KV cache, models/quant.py).
 
     For each pool, one gather of the pages its lists name ([B, Hlists, K, S, D], the keys
     actually attended) and a masked f32 softmax over all K * S slots; no loop over B or K.
@@ -272,13 +274,17 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
         live = jnp.arange(num_entries_cap) < num_entries[..., None]  # [B, H, K]
         visible &= live[..., None]
     outs, order = [], []
-    for p, (k_pages, v_pages) in enumerate(pools):
+    for p, pool in enumerate(pools):
+        k_pages, v_pages = pool[0], pool[1]
         lists = np.array([h for h, (pool, _) in enumerate(sources) if pool == p], np.int32)
         if not lists.size:
             continue
         heads = np.array([sources[h][1] for h in lists], np.int32)[None, :, None]  # [1, Hp, 1]
         k = gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
         v = gather_pages(v_pages, heads, pages[:, lists])
+        if len(pools[p]) == 4:  # int8 pages and their per-tensor scales
+            k = k.astype(jnp.float32) * pools[p][2]
+            v = v.astype(jnp.float32) * pools[p][3]
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
         outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),
@@ -382,6 +388,12 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
       0 for a list with no key.
     """
     pools = tuple(tuple(pool) for pool in pools)
+    if any(len(pool) != 2 for pool in pools):
+        if impl != "xla":
+            raise NotImplementedError("int8 pages (a pool with scales) are read by the XLA "
+                                      "path only so far (impl='xla')")
+        return pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries,
+                                                 sources=sources, sm_scale=sm_scale)
     _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits)
     batch, num_lists, rows, d = q.shape
     page_size = pools[0][0].shape[2]

@@ -324,9 +324,11 @@ def test_layer_view_round_trip_touches_only_its_layer():
                        streaming_heads=((True, False), (False, False), (False, True)),
                        streaming_layout=StreamingLayout(page_size=4, sink_tokens=4,
                                                         local_tokens=4),
-                       budget_pages=3)
+                       budget_pages=3, kv_cache_dtype="int8",
+                       kv_scales=((0.1, 0.2), (0.3, 0.4), (0.5, 0.6)))  # every per-layer tuple
     cache = kv_cache.init_cache(spec)
     view = cache.layer_view(2)
+    assert float(view.k_scale[0]) == np.float32(0.5) and float(view.v_scale[0]) == np.float32(0.6)
     assert all(len(getattr(view, name)) == 1 for name in kv_cache.PER_LAYER)
     assert view.k[0] is cache.k[2] and view.page_table is cache.page_table
     changed = view.replace_layer(0, k=view.k[0] + 1, sv=view.sv[0] - 1,

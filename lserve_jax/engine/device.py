@@ -189,14 +189,15 @@ class PoolSize:
 
 def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
     """(bytes per page over all layers, bytes independent of the page count) of a cache."""
-    item = jnp.dtype(spec.dtype).itemsize
+    item = spec.pool_dtype.itemsize  # keys and values (1 byte in an int8 cache)
+    stat_item = spec.stats_dtype.itemsize  # key statistics keep the model's float dtype
     s, d = spec.page_size, spec.head_dim
     per_page = fixed = 0
     for layer in range(spec.num_layers):
         dense = len(spec.dense_heads(layer))
         per_page += 2 * dense * s * d * item
         if spec.logical_page_size is not None:
-            per_page += 2 * dense * (s // spec.logical_page_size) * d * item
+            per_page += 2 * dense * (s // spec.logical_page_size) * d * stat_item
         if spec.has_streaming:
             stream = spec.num_kv_heads - dense
             pages = 1 + spec.max_seqs * spec.streaming_layout.num_pages + spec.num_window_pages

@@ -40,14 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lserve_jax import head_pattern, inputs
+from lserve_jax import head_pattern, inputs, kv_quant
 from lserve_jax.engine import device
 from lserve_jax.engine.pages import PagePool
 from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_quota
 from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import kv_cache, llama
+from models import kv_cache, llama, quant
 from models.attention import AttentionConfig
 
 log = logging.getLogger("lserve_jax")
@@ -201,6 +201,9 @@ class Engine:
     `long_prefill_token_threshold`: while requests wait, a prompt chunk takes at most this many
     tokens (default a quarter of `max_num_batched_tokens`; 0: no cap), so short requests behind
     a long prompt start in the same step.
+    `kv_cache_dtype`: "auto" (the model's dtype) or "int8" (keys and values quantized with one
+    static scale per layer each, from `kv_scales` or calibrated on the book text and stored
+    beside the checkpoint: lserve_jax/kv_quant.py; the XLA path so far).
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -210,6 +213,7 @@ class Engine:
                  num_pages: int | None = None, enable_prefix_caching: bool = True,
                  num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
                  long_prefill_token_threshold: int | None = None,
+                 kv_cache_dtype: str = "auto", kv_scales=None,
                  **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
@@ -241,6 +245,20 @@ class Engine:
         path, self.config, self.params, self.tokenizer = checkpoint.load_model(
             ckpt, dtype=dtype, verify=verify)
         self.checkpoint_path = path
+        self.kv_cache_dtype = quant.check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
+        self.kv_scales = None
+        if kv_cache_dtype == "int8":
+            if self.impl != "xla":
+                raise NotImplementedError("kv_cache_dtype='int8' runs on the XLA path so far "
+                                          "(impl='xla'); the Pallas kernels read float pages")
+            self.kv_scales = (kv_quant.check_kv_scales(kv_scales, self.config.num_layers)
+                              if kv_scales is not None else kv_quant.load_or_calibrate(
+                                  path, self.params, self.config, self.tokenizer))
+        elif kv_scales is not None:
+            raise ValueError("kv_scales are only used with kv_cache_dtype='int8'")
+        elif kv_cache_dtype == "int4":
+            raise NotImplementedError("kv_cache_dtype='int4' pages are not stored yet; use "
+                                      "'int8'")
         self.head_pattern = None
         self.attention = self._attention_config()
         context = self.config.max_position_embeddings
@@ -327,7 +345,8 @@ class Engine:
         spec = llama.cache_spec(self.config, attention, num_pages=num_pages,
                                 max_seqs=self.max_num_seqs,
                                 max_pages_per_seq=self.max_pages_per_seq,
-                                dtype=jnp.dtype(self.params["embed"].dtype).name)
+                                dtype=jnp.dtype(self.params["embed"].dtype).name,
+                                kv_cache_dtype=self.kv_cache_dtype, kv_scales=self.kv_scales)
         return dataclasses.replace(spec, num_window_pages=num_window_pages)
 
     def _memory_budget(self, gb: float | None, spec) -> int:
@@ -713,8 +732,12 @@ class Engine:
 
     def run_until_done(self, request_ids: Sequence[Hashable] | None = None
                        ) -> dict[Hashable, RequestOutput]:
-        """Step until the given requests (default: all) finish; their final outputs."""
+        """Step until the given requests (default: all) finish; their final outputs. KeyError
+        for an id that is not waiting or running (it would never finish)."""
         wanted = set(self._parents) if request_ids is None else set(request_ids)
+        unknown = wanted - set(self._parents)
+        if unknown:
+            raise KeyError(f"requests {sorted(map(repr, unknown))[:5]} are not waiting or running")
         final = {}
         while wanted - set(final):
             for out in self.step():
