@@ -59,7 +59,8 @@ from pallas_kernels import append_tokens
 from models.streaming_pool import StreamingLayout
 
 NULL_PAGE = 0
-PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected", "k_scale", "v_scale")
+PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected", "k_scale", "v_scale", "sk_scale",
+             "sv_scale")
 
 
 @struct.dataclass
@@ -79,8 +80,10 @@ class KVCache:
     selected: tuple[jax.Array, ...]
     selected_num_pages: jax.Array
     decode_steps: jax.Array
-    k_scale: tuple[jax.Array, ...] = ()
+    k_scale: tuple[jax.Array, ...] = ()  # int8: [Hd[l], D] per (dense head, channel)
     v_scale: tuple[jax.Array, ...] = ()
+    sk_scale: tuple[jax.Array, ...] = ()  # int8: [Hs[l], D] of the streaming heads
+    sv_scale: tuple[jax.Array, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -89,11 +92,15 @@ class KVCache:
 
     def pool(self, name: str, layer: int) -> tuple:
         """One layer's (keys, values) of the dense ("k") or streaming ("sk") pool, with
-        their scales when the cache is quantized: (k, v) or (k, v, k_scale, v_scale), the
-        form `pallas_kernels.pooled_decode_attention_reference` reads."""
-        k, v = (self.k, self.v) if name == "k" else (self.sk, self.sv)
-        k, v = k[layer], v[layer]
-        return (k, v, self.k_scale[layer], self.v_scale[layer]) if self.quantized else (k, v)
+        their scales when the cache is quantized: (k, v) or (k, v, k_scale, v_scale) with
+        scales [H, D] per (head of the pool, channel), the form
+        `pallas_kernels.pooled_decode_attention_reference` reads."""
+        prefix = "" if name == "k" else "s"
+        k, v = getattr(self, prefix + "k")[layer], getattr(self, prefix + "v")[layer]
+        if not self.quantized:
+            return k, v
+        return (k, v, getattr(self, prefix + "k_scale")[layer],
+                getattr(self, prefix + "v_scale")[layer])
 
     @property
     def page_size(self) -> int:
@@ -178,7 +185,9 @@ class KVCacheSpec:
     selection_lists_per_head: int = 1
     num_window_pages: int = 0  # prefill window pages of the streaming pool (see `KVCache`)
     kv_cache_dtype: str = "auto"  # "auto": the pools hold `dtype`; "int8": models/quant.py
-    kv_scales: tuple[tuple[float, float], ...] | None = None  # int8: (k, v) scale per layer
+    # int8: per layer (k scale, v scale), each one float or [num_kv_heads][head_dim] floats
+    # (a scale per head and channel); normalized to the nested form
+    kv_scales: tuple | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "max_seqs",
@@ -222,9 +231,10 @@ class KVCacheSpec:
                     len(pair) != 2 for pair in scales):
                 raise ValueError(f"kv_cache_dtype='int8' needs kv_scales: one (k_scale, "
                                  f"v_scale) pair per layer ({self.num_layers})")
-            for layer, (ks, vs) in enumerate(scales):
-                quant.check_scale(f"kv_scales[{layer}] k", ks)
-                quant.check_scale(f"kv_scales[{layer}] v", vs)
+            object.__setattr__(self, "kv_scales", tuple(
+                tuple(quant.check_scales(f"kv_scales[{layer}] {kind}", x, self.num_kv_heads,
+                                         self.head_dim) for kind, x in zip("kv", pair))
+                for layer, pair in enumerate(scales)))
         elif self.kv_scales is not None:
             raise ValueError("kv_scales are only used with kv_cache_dtype='int8'")
 
@@ -300,9 +310,23 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
                        spec.budget_pages), jnp.int32) for layer in layers) if selecting else (),
         selected_num_pages=jnp.full((spec.max_seqs,), -1, jnp.int32),
         decode_steps=jnp.zeros((spec.max_seqs,), jnp.int32),
-        k_scale=tuple(jnp.float32(ks) for ks, _ in spec.kv_scales) if spec.kv_scales else (),
-        v_scale=tuple(jnp.float32(vs) for _, vs in spec.kv_scales) if spec.kv_scales else (),
+        **_scales(spec),
     )
+
+
+def _scales(spec: KVCacheSpec) -> dict:
+    """The per-layer scale arrays of an int8 cache, split by pool (empty tuples otherwise)."""
+    if not spec.kv_scales:
+        return {}
+    out = {}
+    for i, kind in enumerate("kv"):
+        full = [jnp.asarray(pair[i], jnp.float32) for pair in spec.kv_scales]  # [Hkv, D]
+        out[f"{kind}_scale"] = tuple(x[jnp.asarray(spec.dense_heads(l), jnp.int32)]
+                                     for l, x in enumerate(full))
+        if spec.has_streaming:
+            out[f"s{kind}_scale"] = tuple(x[jnp.asarray(spec.streaming_head_ids(l), jnp.int32)]
+                                          for l, x in enumerate(full))
+    return out
 
 
 def _concrete_int(x) -> int | None:
@@ -410,13 +434,22 @@ def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Ar
     """
     # [B, T, Hkv, D] -> [Hkv, B, T, D] to line up with pool[:, pages, offsets].
     x = jnp.moveaxis(x, 2, 0)
-    x = quant.quantize_int8(x, scale) if scale is not None else x.astype(pool.dtype)
+    if scale is not None:  # [Hkv, D] per head and channel
+        x = quant.quantize_int8(x, scale[:, None, None, :])
+    else:
+        x = x.astype(pool.dtype)
     return pool.at[:, pages, offsets].set(x)
 
 
-def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32) -> jax.Array:
-    """Gathered pool entries as `dtype`: dequantized with `scale` (int8 pools), else cast."""
-    return quant.dequantize_int8(pages, scale, dtype) if scale is not None else pages.astype(dtype)
+def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32,
+               head_axis: int = 1) -> jax.Array:
+    """Gathered pool entries [..., H, ..., D] (heads on `head_axis`) as `dtype`: dequantized
+    with `scale` [H, D] (int8 pools), else cast."""
+    if scale is None:
+        return pages.astype(dtype)
+    shape = [1] * pages.ndim
+    shape[head_axis], shape[-1] = scale.shape
+    return quant.dequantize_int8(pages, scale.reshape(shape), dtype)
 
 
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
@@ -483,8 +516,10 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
     # (the append kernel stores floats: an int8 cache quantizes in the scatter path)
     fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
              and not head_dim & (head_dim - 1) and not cache.quantized)
-    ks_, vs_ = ((cache.k_scale[layer], cache.v_scale[layer]) if cache.quantized
-                else (None, None))
+    ks_, vs_, sks_, svs_ = ((cache.k_scale[layer], cache.v_scale[layer],
+                             cache.sk_scale[layer] if cache.sk_scale else None,
+                             cache.sv_scale[layer] if cache.sv_scale else None)
+                            if cache.quantized else (None,) * 4)
     pages, offsets = token_pages(cache, slots, positions, valid)
     # Tokens that are not stored still land in the null page; write zeros there, so a non-finite
     # key or value of one row (a row stopped for NaN logits) never reaches the null page that
@@ -521,12 +556,12 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
                 cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],
                 offsets[:, 0], kept[:, 0], impl="pallas", interpret=interpret)
         else:
-            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks, ks_)
-            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs, vs_)
+            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks, sks_)
+            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs, svs_)
         if window and cache.window_table.shape[1]:
             pages, offsets = token_pages(cache, slots, positions, valid, cache.window_table)
             kept = valid & (pages != NULL_PAGE)
-            for name, x, scale in (("sk", k, ks_), ("sv", v, vs_)):
+            for name, x, scale in (("sk", k, sks_), ("sv", v, svs_)):
                 x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
                 arrays[name] = write_layer(arrays[name], pages, offsets, x, scale)
             arrays["sk"], arrays["sv"] = restore_stream_pages(

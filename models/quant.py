@@ -3,9 +3,11 @@
 Two formats (LServe §5 runs an 8-bit KV cache with per-tensor static scales, as QServe's
 checkpoints do; its paper also offers 4 bits):
 
-- int8: symmetric, one static scale per layer for K and one for V (float32 scalars, from a
-  calibration pass or given by the user): q = clip(round(x * (1 / scale)), -127, 127) as int8, and
-  x ~ q * scale. Values beyond 127 scales are clipped, never wrapped; -128 is not used, so the
+- int8: symmetric with static scales (from a calibration pass or given by the user): one per
+  (KV head, channel) of each layer's K and V (a single per-tensor scale, LServe's and QServe's
+  choice, is the case of equal entries; a scale per head and channel lowers the keys' error
+  about 3x on SmolLM2, whose keys have outlier channels): q = clip(round(x * (1 / scale)),
+  -127, 127) as int8, and x ~ q * scale. Values beyond 127 scales are clipped, never wrapped; -128 is not used, so the
   range is symmetric.
 - int4: asymmetric per (token, KV head) over the head_dim channels, with a 16-bit (float16)
   scale and zero point: scale = (max - min) / 15, zero = min (both rounded to float16 first, so
@@ -46,6 +48,24 @@ def check_scale(name: str, scale) -> float:
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"{name}={scale!r} must be finite and > 0")
     return value
+
+
+def check_scales(name: str, scales, num_heads: int, head_dim: int) -> tuple:
+    """int8 scales of one tensor: a number (one scale) or [num_heads][head_dim] numbers (one per
+    head and channel), each finite and > 0; returned as nested tuples [num_heads][head_dim]."""
+    if isinstance(scales, (int, float)) or (hasattr(scales, "shape") and not scales.shape):
+        value = check_scale(name, scales)
+        return tuple((value,) * head_dim for _ in range(num_heads))
+    try:
+        if isinstance(scales, (str, bytes)):
+            raise TypeError
+        rows = [list(row) for row in scales]
+    except TypeError:
+        raise TypeError(f"{name} must be a number or [{num_heads}][{head_dim}] numbers") from None
+    if len(rows) != num_heads or any(len(r) != head_dim for r in rows):
+        raise ValueError(f"{name} must be a number or [{num_heads}][{head_dim}] numbers")
+    return tuple(tuple(check_scale(f"{name}[{h}][{c}]", x) for c, x in enumerate(r))
+                 for h, r in enumerate(rows))
 
 
 def quantize_int8(x: jax.Array, scale: jax.Array | float) -> jax.Array:

@@ -258,8 +258,8 @@ def gather_pages(pool, heads, pages):
 def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None, *,
                                       sources, sm_scale=None):
     """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention`, and a
-    pool may also be (k_pages, v_pages, k_scale, v_scale): int8 pages read as value * scale
-    (an int8 KV cache, models/quant.py).
+    pool may also be (k_pages, v_pages, k_scale, v_scale): int8 pages read as value * scale,
+    scales [Hpool, D] per head and channel (an int8 KV cache, models/quant.py).
 
     For each pool, one gather of the pages its lists name ([B, Hlists, K, S, D], the keys
     actually attended) and a masked f32 softmax over all K * S slots; no loop over B or K.
@@ -282,9 +282,10 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
         heads = np.array([sources[h][1] for h in lists], np.int32)[None, :, None]  # [1, Hp, 1]
         k = gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
         v = gather_pages(v_pages, heads, pages[:, lists])
-        if len(pools[p]) == 4:  # int8 pages and their per-tensor scales
-            k = k.astype(jnp.float32) * pools[p][2]
-            v = v.astype(jnp.float32) * pools[p][3]
+        if len(pools[p]) == 4:  # int8 pages and their scales [Hpool, D]
+            pick = lambda scale: scale[heads[0, :, 0]][None, :, None, None, :]  # noqa: E731
+            k = k.astype(jnp.float32) * pick(pools[p][2])
+            v = v.astype(jnp.float32) * pick(pools[p][3])
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
         outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),

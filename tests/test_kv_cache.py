@@ -328,7 +328,9 @@ def test_layer_view_round_trip_touches_only_its_layer():
                        kv_scales=((0.1, 0.2), (0.3, 0.4), (0.5, 0.6)))  # every per-layer tuple
     cache = kv_cache.init_cache(spec)
     view = cache.layer_view(2)
-    assert float(view.k_scale[0]) == np.float32(0.5) and float(view.v_scale[0]) == np.float32(0.6)
+    assert view.k_scale[0].shape == (1, 4) and view.sk_scale[0].shape == (1, 4)  # per pool
+    assert (np.asarray(view.k_scale[0]) == np.float32(0.5)).all()
+    assert (np.asarray(view.sv_scale[0]) == np.float32(0.6)).all()
     assert all(len(getattr(view, name)) == 1 for name in kv_cache.PER_LAYER)
     assert view.k[0] is cache.k[2] and view.page_table is cache.page_table
     changed = view.replace_layer(0, k=view.k[0] + 1, sv=view.sv[0] - 1,

@@ -131,16 +131,34 @@ def test_scales_are_calibrated_once_and_stored_beside_the_checkpoint(ckpt):
     path = ckpt / SCALES_FILE
     path.unlink(missing_ok=True)
     engine = Engine(ckpt, kv_cache_dtype="int8", page_size=8, logical_page_size=4)
-    stored = json.loads(path.read_text())["scales"]
-    assert [tuple(p) for p in stored] == list(engine.kv_scales)
+    stored = json.loads(path.read_text())
+    np.testing.assert_array_equal(np.asarray(stored["scales"]), np.asarray(engine.kv_scales))
+    assert np.asarray(engine.kv_scales).shape == (2, 2, 2, 8)  # layer, k/v, KV head, channel
+    mtime = path.stat().st_mtime_ns
+    again = Engine(ckpt, kv_cache_dtype="int8", page_size=8, logical_page_size=4)
+    assert again.kv_scales == engine.kv_scales and path.stat().st_mtime_ns == mtime  # read back
     tokens = np.random.default_rng(0).integers(0, 128, (1, 256)).astype(np.int32)
     absmax = kv_absmax(engine.params, engine.config, tokens)
-    assert absmax.shape == (2, 2) and (absmax > 0).all()
+    assert absmax.shape == (2, 2, 2, 8) and (absmax > 0).all()
     scales = calibrate_kv_scales(engine.params, engine.config, tokens, margin=1.0)
     np.testing.assert_allclose(np.asarray(scales), absmax / 127, rtol=1e-6)
-    given = ((0.1, 0.2), (0.3, 0.4))
-    assert Engine(ckpt, kv_cache_dtype="int8", kv_scales=given, page_size=8,
-                  logical_page_size=4).kv_scales == given
+    given = ((0.1, 0.2), (0.3, np.full((2, 8), 0.4)))  # one scale, or one per head and channel
+    scales = np.asarray(Engine(ckpt, kv_cache_dtype="int8", kv_scales=given, page_size=8,
+                               logical_page_size=4).kv_scales)
+    assert (scales[0, 0] == 0.1).all() and (scales[1, 1] == 0.4).all()
+
+
+def test_smollm2_int8_kv_keeps_the_float_caches_greedy_tokens():
+    """The embedded SmolLM2 (f32): an int8 cache with scales per head and channel keeps the
+    float cache's first 16 greedy tokens on short prompts."""
+    from lserve_jax import LLM
+
+    prompts = ["The capital of France is", "Once upon a time, in a small village,",
+               "def fibonacci(n):", "The three primary colors are"]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(max_num_seqs=4).generate(prompts, sp)]
+    got = [o.token_ids for o in LLM(kv_cache_dtype="int8", max_num_seqs=4).generate(prompts, sp)]
+    assert got == want
 
 
 @pytest.mark.parametrize("kwargs,error", [
@@ -149,6 +167,8 @@ def test_scales_are_calibrated_once_and_stored_beside_the_checkpoint(ckpt):
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, float("nan")), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, 0.0), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, 0.1),)), ValueError),
+    (dict(kv_cache_dtype="int8", kv_scales=((0.1, np.ones((2, 7))), (0.1, 0.1))), ValueError),
+    (dict(kv_cache_dtype="int8", kv_scales=((0.1, "x"), (0.1, 0.1))), TypeError),
     (dict(kv_scales=((0.1, 0.1), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", impl="pallas"), NotImplementedError),
 ])

@@ -201,9 +201,10 @@ class Engine:
     `long_prefill_token_threshold`: while requests wait, a prompt chunk takes at most this many
     tokens (default a quarter of `max_num_batched_tokens`; 0: no cap), so short requests behind
     a long prompt start in the same step.
-    `kv_cache_dtype`: "auto" (the model's dtype) or "int8" (keys and values quantized with one
-    static scale per layer each, from `kv_scales` or calibrated on the book text and stored
-    beside the checkpoint: lserve_jax/kv_quant.py; the XLA path so far).
+    `kv_cache_dtype`: "auto" (the model's dtype) or "int8" (keys and values quantized with
+    static scales per layer, KV head and channel, from `kv_scales` (per layer a (k, v) pair of
+    numbers or [Hkv][D] lists) or calibrated on the book text and stored beside the
+    checkpoint: lserve_jax/kv_quant.py; the XLA path so far).
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -251,7 +252,7 @@ class Engine:
             if self.impl != "xla":
                 raise NotImplementedError("kv_cache_dtype='int8' runs on the XLA path so far "
                                           "(impl='xla'); the Pallas kernels read float pages")
-            self.kv_scales = (kv_quant.check_kv_scales(kv_scales, self.config.num_layers)
+            self.kv_scales = (kv_quant.check_kv_scales(kv_scales, self.config)
                               if kv_scales is not None else kv_quant.load_or_calibrate(
                                   path, self.params, self.config, self.tokenizer))
         elif kv_scales is not None:
