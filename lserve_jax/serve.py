@@ -66,7 +66,7 @@ def warm_up(engine) -> float:
     return time.perf_counter() - t0
 
 
-def default_model_name(engine, ckpt: str | None) -> str:
+def default_model_name(ckpt: str | None) -> str:
     if ckpt is None:
         return "SmolLM2-135M-Instruct"
     from pathlib import Path
@@ -85,7 +85,7 @@ def build_server(args: argparse.Namespace):
     engine = Engine(args.ckpt, **engine_kwargs(args))
     if args.warmup:
         log.info("warmed up in %.1f s", warm_up(engine))
-    name = args.served_model_name or default_model_name(engine, args.ckpt)
+    name = args.served_model_name or default_model_name(args.ckpt)
     metrics = ServerMetrics(name)
     runner = EngineRunner(engine, max_pending=args.max_pending_requests, on_step=metrics.on_step)
 

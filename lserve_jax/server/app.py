@@ -45,14 +45,14 @@ def _error(status: int, message: str, *, param: str | None = None,
                                  code=code).body(), status_code=status)
 
 
-def _validation_error(e: ValidationError | RequestValidationError) -> JSONResponse:
+def _validation_error(e: ValidationError | RequestValidationError) -> ApiError:
+    """The 400 of a body that does not fit its schema, naming the first bad field."""
     errors = e.errors()
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
     if first.get("type") == "json_invalid":
-        return _error(400, f"the body is not valid JSON: {first.get('msg', '')}", param=None)
-    param = ".".join(loc) or None
-    return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+        return ApiError(f"the body is not valid JSON: {first.get('msg', '')}")
+    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+    return ApiError(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
 
 
 def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = None,
@@ -70,7 +70,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc):
-        return _validation_error(exc)
+        return await on_api_error(request, _validation_error(exc))
 
     @app.exception_handler(_ClientGone)
     async def on_client_gone(request, exc):
@@ -98,8 +98,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
         try:
             return schema.model_validate(data)
         except ValidationError as e:
-            response = _validation_error(e)
-            raise ApiError(**_error_fields(response)) from None
+            raise _validation_error(e) from None
 
     def check_model(body) -> None:
         if body.model is not None and body.model != model_name:
@@ -123,7 +122,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
             "id": model_name, "object": "model", "created": created, "owned_by": "lserve_jax",
             "root": model_name, "max_model_len": engine.max_model_len}]}
 
-    async def start(prompts: list, sp, request: Request, prefix: str) -> list:
+    async def start(prompts: list, sp, prefix: str) -> list:
         """Submit every prompt; returns [(request id, output queue)]. A refused prompt
         aborts the ones already submitted."""
         started = []
@@ -140,9 +139,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
                 message = str(e)  # the engine refused it: the prompt, or its stop ids
                 raise ApiError(message, param="stop_token_ids" if message.startswith(
                     "stop_token_ids") else "prompt") from None
-            if isinstance(e, QueueFull):
-                raise ApiError(str(e), status=503, type_="server_error") from None
-            if isinstance(e, EngineDead):
+            if isinstance(e, (QueueFull, EngineDead)):
                 raise ApiError(str(e), status=503, type_="server_error") from None
             raise
         return started
@@ -192,7 +189,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
         if any(isinstance(p, str) for p in prompts) and engine.tokenizer is None:
             raise ApiError("this model has no tokenizer: give prompts as token ids",
                            param="prompt")
-        started = await start(prompts, sp, request, "cmpl")
+        started = await start(prompts, sp, "cmpl")
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_stream_completions(started, body, sp, rid, runner, model_name,
@@ -206,7 +203,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
                 choices.append({"index": i * sp.n + c.index, "text": text,
                                 "logprobs": _completion_logprobs(c.logprobs, c.token_ids,
                                                                  sp.logprobs, engine),
-                                "finish_reason": _finish(c), "stop_reason": c.stop_reason})
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": _usage(outs)}
 
@@ -225,7 +222,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
         except Exception as e:  # noqa: BLE001 - a template that refuses the conversation
             raise ApiError(f"the chat template refused the messages: {e}",
                            param="messages") from None
-        started = await start([prompt], sp, request, "chatcmpl")
+        started = await start([prompt], sp, "chatcmpl")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_stream_chat(started, body, sp, rid, runner, model_name, engine),
@@ -234,7 +231,7 @@ def build_app(runner: EngineRunner, *, model_name: str, api_key: str | None = No
         choices = [{"index": c.index,
                     "message": {"role": "assistant", "content": c.text or ""},
                     "logprobs": _chat_logprobs(c.logprobs, c.token_ids, sp.logprobs, engine),
-                    "finish_reason": _finish(c), "stop_reason": c.stop_reason}
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                    for c in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": _usage([out])}
@@ -275,23 +272,12 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
-def _error_fields(response: JSONResponse) -> dict:
-    error = json.loads(response.body)["error"]
-    return dict(message=error["message"], status=response.status_code, param=error["param"],
-                type_=error["type"], code=error["code"])
-
-
 async def _disconnected(request: Request) -> None:
     """Returns when the client has gone away."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _finish(c) -> str | None:
-    """OpenAI's finish reasons: stop, length; an abort or an error is reported as such."""
-    return c.finish_reason
 
 
 def _usage(outs) -> dict:
@@ -408,14 +394,14 @@ async def _outputs(started, runner) -> AsyncIterator[tuple[int, object]]:
 
 async def _stream_completions(started, body, sp, rid, runner, model_name, engine):
     created = int(time.time())
-    finals = {}
+    ended, finished = set(), {}  # choice indices that sent their finish; prompt index -> output
     sent = {}  # choice index -> characters sent (text offsets of logprobs)
     async for i, out in _outputs(started, runner):
         for c in out.outputs:
             if not c.new_token_ids and not c.new_text and not c.finished:
                 continue
             index = i * sp.n + c.index
-            if index in finals:
+            if index in ended:
                 continue
             text = c.new_text
             if body.echo and index not in sent:
@@ -426,20 +412,19 @@ async def _stream_completions(started, body, sp, rid, runner, model_name, engine
                                              sent.get(index, 0))
                         if c.logprobs is not None else None)
             sent[index] = sent.get(index, 0) + len(text)
-            finish = _finish(c) if c.finished else None
+            finish = c.finish_reason
             if finish is not None:
-                finals[index] = c
+                ended.add(index)
             yield {"id": rid, "object": "text_completion", "created": created,
                    "model": model_name, "choices": [{
                        "index": index, "text": text, "logprobs": logprobs,
                        "finish_reason": finish,
                        "stop_reason": c.stop_reason if finish else None}]}
         if out.finished:
-            finals[("out", i)] = out
+            finished[i] = out
     if body.include_usage:
-        outs = [v for k, v in finals.items() if isinstance(k, tuple)]
         yield {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-               "choices": [], "usage": _usage(outs)}
+               "choices": [], "usage": _usage(list(finished.values()))}
 
 
 async def _stream_chat(started, body, sp, rid, runner, model_name, engine):
@@ -461,7 +446,7 @@ async def _stream_chat(started, body, sp, rid, runner, model_name, engine):
                                        sp.logprobs, engine) if c.logprobs is not None else None)
             delta = {"content": c.new_text} if c.new_text or not c.finished else {}
             yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": _finish(c) if c.finished else None,
+                          "finish_reason": c.finish_reason,
                           "stop_reason": c.stop_reason if c.finished else None}])
         if out.finished:
             final = out
