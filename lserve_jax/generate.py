@@ -17,6 +17,7 @@ from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models.sparsity import PAGE_SELECTIONS
+from pallas_kernels.quant import KV_CACHE_DTYPES
 
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
@@ -54,9 +55,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's checksum before loading (sizes are "
                    "always checked)")
-    engine.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default=None,
-                        help="auto: the model's dtype; int8: one static scale per layer for "
-                        "K and V (calibrated once, stored beside the checkpoint)")
+    engine.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                        help="auto: the model's dtype; int8: static scales per layer, KV head "
+                        "and channel (calibrated once, stored beside the checkpoint); int4: "
+                        "a scale and zero point per token and KV head, two values a byte")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=None,
                         help="do not share the pages of identical prompt prefixes")

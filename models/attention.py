@@ -238,23 +238,22 @@ def _entry_attention(q: jax.Array, pool: tuple[jax.Array, jax.Array], table: jax
                      lengths: jax.Array, entries: jax.Array) -> jax.Array:
     """Dense heads' decode attention over ragged page entries (the CPU path).
 
-    q [B, H, G, D] (one list per KV head); pool (k, v) [H, P, S, D] (or with their int8
-    scales, `KVCache.pool`); table [B, W] the rows' page tables; lengths [B]; entries [E, 2]
+    q [B, H, G, D] (one list per KV head); pool (k, v) [H, P, S, D] (or with their scales,
+    `KVCache.pool`); table [B, W] the rows' page tables; lengths [B]; entries [E, 2]
     (row, column), rows >= B padding. Each entry's page is gathered once for its row, scored against that row's queries, and the softmax is
     taken over each row's entries (segment max and sums). Returns [B, H, G, D] f32, zeros for
     a row with no visible key; equal to attending over the whole table row.
     """
     b, h, g, d = q.shape
-    k_pool, v_pool = pool[0], pool[1]
-    k_scale, v_scale = pool[2:] if len(pool) == 4 else (None, None)
-    s = k_pool.shape[2]
+    s = pool[0].shape[2]
     row, col = entries[:, 0], entries[:, 1]
     live = row < b
     r = jnp.clip(row, 0, b - 1)
     page = jnp.where(live, table[r, jnp.clip(col, 0, table.shape[1] - 1)], kv_cache.NULL_PAGE)
     heads = jnp.arange(h)[None, :]
-    keys = kv_cache.read_pages(gather_pages(k_pool, heads, page[:, None]), k_scale)  # [E, H, S, D]
-    values = kv_cache.read_pages(gather_pages(v_pool, heads, page[:, None]), v_scale)
+    gather = lambda x: gather_pages(x, heads, page[:, None])  # noqa: E731
+    keys = kv_cache.read_pool(pool, 0, gather)  # [E, H, S, D]
+    values = kv_cache.read_pool(pool, 1, gather)
     visible = live[:, None] & (col[:, None] * s + jnp.arange(s)[None] < lengths[r][:, None])
     scores = jnp.einsum("ehsd,ehgd->ehgs", keys.astype(jnp.float32), q[r].astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
@@ -440,7 +439,6 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
         parts.append((stream, cache.pool("sk", 0), cache.window_table[step.slots], True))
     outs = []
     for heads, pool, table, streaming in parts:
-        k_scale, v_scale = pool[2:] if len(pool) == 4 else (None, None)
         keys = jnp.arange(table.shape[1] * cache.page_size)[None, None]  # [1, 1, K]
         visible = (keys <= query) & step.valid[:, :, None]  # [B, T, K]
         if streaming:
@@ -448,9 +446,9 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
             visible &= mapped[:, None, :] & (
                 (keys < s.ctx_sink_tokens) | (keys > query - s.ctx_local_tokens))
         idx = np.array(heads)
-        outs.append(_softmax_attend(
-            qg[:, :, idx], kv_cache.read_pages(_gather_keys(pool[0], table), k_scale),
-            kv_cache.read_pages(_gather_keys(pool[1], table), v_scale), visible))
+        gather = lambda x: _gather_keys(x, table)  # noqa: E731
+        outs.append(_softmax_attend(qg[:, :, idx], kv_cache.read_pool(pool, 0, gather),
+                                    kv_cache.read_pool(pool, 1, gather), visible))
     out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(dense + stream)]  # head order
     out = jnp.where(step.valid[:, :, None, None, None], out, 0)
     return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -36,6 +36,20 @@ l, in KV-head order; in dense mode every head is a dense head):
     decode_steps        [max_seqs] int32: decode steps since the prefill (the selector's clock,
                         per sequence so requests can join a running batch at any step)
 
+Quantized pools (`KVCacheSpec.kv_cache_dtype`, pallas_kernels/quant.py) keep the page layout:
+
+    int8                k[l], v[l], sk[l], sv[l] int8 [H, P, S, D];
+                        k_scale[l], v_scale[l] (sk_scale, sv_scale) float32 [H, D]: the static
+                        scale of each (KV head of the pool, channel)
+    int4                k[l], ... uint8 [H, P, S, D / 2], two channels per byte;
+                        k_scale[l], ... float16 [H, P, S, 2]: the (scale, zero point) of each
+                        stored token of each head, written with it (so page copies, ring
+                        overwrites and shared prefix pages carry their own);
+                        k_smooth[l], ... float32 [H, D]: static per-channel factors a token is
+                        divided by before its per-token quantization and multiplied by after
+                        (QServe's SmoothAttention idea: outlier key channels no longer set
+                        every token's range; they are the int8 calibration's scales)
+
 The head axis comes first so a pool can later be sharded along KV heads. Page 0 of each pool is
 the reserved null page (`NULL_PAGE`): it is never owned, every unused page-table entry points at
 it, and writes for padding tokens or inactive slots land in it, so every index stays valid without
@@ -54,13 +68,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from models import quant, streaming_pool
-from pallas_kernels import append_tokens
+from models import streaming_pool
 from models.streaming_pool import StreamingLayout
+from pallas_kernels import append_tokens, quant
 
 NULL_PAGE = 0
-PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected", "k_scale", "v_scale", "sk_scale",
-             "sv_scale")
+SCALES = ("k_scale", "v_scale", "sk_scale", "sv_scale")
+SMOOTHING = ("k_smooth", "v_smooth", "sk_smooth", "sv_smooth")
+PER_LAYER = ("k", "v", "kmax", "kmin", "sk", "sv", "selected") + SCALES + SMOOTHING
 
 
 @struct.dataclass
@@ -80,27 +95,39 @@ class KVCache:
     selected: tuple[jax.Array, ...]
     selected_num_pages: jax.Array
     decode_steps: jax.Array
-    k_scale: tuple[jax.Array, ...] = ()  # int8: [Hd[l], D] per (dense head, channel)
+    k_scale: tuple[jax.Array, ...] = ()  # int8: [Hd[l], D]; int4: [Hd[l], P, S, 2]
     v_scale: tuple[jax.Array, ...] = ()
-    sk_scale: tuple[jax.Array, ...] = ()  # int8: [Hs[l], D] of the streaming heads
+    sk_scale: tuple[jax.Array, ...] = ()  # the same for the streaming pool
     sv_scale: tuple[jax.Array, ...] = ()
+    k_smooth: tuple[jax.Array, ...] = ()  # int4: [Hd[l], D]
+    v_smooth: tuple[jax.Array, ...] = ()
+    sk_smooth: tuple[jax.Array, ...] = ()
+    sv_smooth: tuple[jax.Array, ...] = ()
 
     @property
     def quantized(self) -> bool:
-        """The pools hold int8 values with per-layer scales (`KVCacheSpec.kv_cache_dtype`)."""
+        """The pools hold quantized values with their scales (`KVCacheSpec.kv_cache_dtype`)."""
         return bool(self.k_scale)
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """"auto" (floats), "int8" or "int4", read off the pools."""
+        if not self.quantized:
+            return "auto"
+        return "int4" if self.k[0].dtype == jnp.uint8 else "int8"
 
     def pool(self, name: str, layer: int) -> tuple:
         """One layer's (keys, values) of the dense ("k") or streaming ("sk") pool, with
-        their scales when the cache is quantized: (k, v) or (k, v, k_scale, v_scale) with
-        scales [H, D] per (head of the pool, channel), the form
-        `pallas_kernels.pooled_decode_attention_reference` reads."""
+        their scales when the cache is quantized: (k, v), int8 (k, v, k_scale, v_scale), int4
+        (k, v, k_scale, v_scale, k_smooth, v_smooth) (see the module docstring), the form
+        `pallas_kernels.pooled_decode_attention` reads."""
         prefix = "" if name == "k" else "s"
         k, v = getattr(self, prefix + "k")[layer], getattr(self, prefix + "v")[layer]
         if not self.quantized:
             return k, v
-        return (k, v, getattr(self, prefix + "k_scale")[layer],
-                getattr(self, prefix + "v_scale")[layer])
+        names = ("k_scale", "v_scale") + (("k_smooth", "v_smooth")
+                                          if self.kv_cache_dtype == "int4" else ())
+        return (k, v) + tuple(getattr(self, prefix + name)[layer] for name in names)
 
     @property
     def page_size(self) -> int:
@@ -184,9 +211,11 @@ class KVCacheSpec:
     budget_pages: int | None = None
     selection_lists_per_head: int = 1
     num_window_pages: int = 0  # prefill window pages of the streaming pool (see `KVCache`)
-    kv_cache_dtype: str = "auto"  # "auto": the pools hold `dtype`; "int8": models/quant.py
-    # int8: per layer (k scale, v scale), each one float or [num_kv_heads][head_dim] floats
-    # (a scale per head and channel); normalized to the nested form
+    # "auto": the pools hold `dtype`; "int8" (static scales), "int4" (per-token scale and zero
+    # point): pallas_kernels/quant.py
+    kv_cache_dtype: str = "auto"
+    # per layer (k scale, v scale), each one float or [num_kv_heads][head_dim] floats (one per
+    # head and channel), normalized to the nested form: int8's scales, int4's smoothing factors
     kv_scales: tuple | None = None
 
     def __post_init__(self):
@@ -217,31 +246,42 @@ class KVCacheSpec:
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             # A plain cast would wrap values, and integer statistics would turn their -inf /
             # +inf starting values into -128 / 127, so a fresh logical page would never be
-            # recognised. Quantized pools go through models/quant.py.
+            # recognised. Quantized pools go through pallas_kernels/quant.py.
             raise ValueError(f"dtype={self.dtype!r}: the pools hold floats; an integer KV "
-                             "cache needs quantized writes (kv_cache_dtype, models/quant.py), "
-                             "not a cast")
+                             "cache needs quantized writes (kv_cache_dtype, "
+                             "pallas_kernels/quant.py), not a cast")
         quant.check_kv_cache_dtype(self.kv_cache_dtype, self.head_dim)
-        if self.kv_cache_dtype == "int4":
-            raise NotImplementedError("kv_cache_dtype='int4' pages are not stored yet (the "
-                                      "arithmetic is in models/quant.py); use 'int8'")
-        if self.kv_cache_dtype == "int8":
+        if self.kv_cache_dtype != "auto":
             scales = self.kv_scales
             if scales is None or len(scales) != self.num_layers or any(
                     len(pair) != 2 for pair in scales):
-                raise ValueError(f"kv_cache_dtype='int8' needs kv_scales: one (k_scale, "
-                                 f"v_scale) pair per layer ({self.num_layers})")
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs kv_scales: one "
+                                 f"(k_scale, v_scale) pair per layer ({self.num_layers})")
             object.__setattr__(self, "kv_scales", tuple(
                 tuple(quant.check_scales(f"kv_scales[{layer}] {kind}", x, self.num_kv_heads,
                                          self.head_dim) for kind, x in zip("kv", pair))
                 for layer, pair in enumerate(scales)))
         elif self.kv_scales is not None:
-            raise ValueError("kv_scales are only used with kv_cache_dtype='int8'")
+            raise ValueError("kv_scales are only used with a quantized kv_cache_dtype")
 
     @property
     def pool_dtype(self):
-        """What the pools hold: int8 for an int8 KV cache, else `dtype`."""
-        return jnp.dtype(jnp.int8) if self.kv_cache_dtype == "int8" else jnp.dtype(self.dtype)
+        """What the pools hold: int8 for an int8 KV cache, uint8 (two values a byte) for int4,
+        else `dtype`."""
+        return quant.pool_dtype(self.kv_cache_dtype, self.dtype)
+
+    @property
+    def pool_head_dim(self) -> int:
+        """Last axis of a pool: head_dim, or head_dim / 2 bytes for int4."""
+        return self.head_dim // 2 if self.kv_cache_dtype == "int4" else self.head_dim
+
+    @property
+    def token_head_bytes(self) -> int:
+        """Bytes of one token of one KV head, keys and values together, scales included (int4:
+        a float16 scale and zero point each; int8's static scales do not grow with tokens)."""
+        if self.kv_cache_dtype == "int4":
+            return 2 * (self.head_dim // 2 + 4)
+        return 2 * self.head_dim * self.pool_dtype.itemsize
 
     @property
     def stats_dtype(self):
@@ -274,7 +314,7 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
     dtype = spec.pool_dtype
     s, d, layers = spec.page_size, spec.head_dim, range(spec.num_layers)
     dense = [len(spec.dense_heads(layer)) for layer in layers]
-    pool = lambda h, p: jnp.zeros((h, p, s, d), dtype)  # noqa: E731
+    pool = lambda h, p: jnp.zeros((h, p, s, spec.pool_head_dim), dtype)  # noqa: E731
     stats = spec.logical_page_size is not None
     per_page = s // (spec.logical_page_size or 1)
     # Statistics are kept in the pool's dtype (16-bit for bf16/f16 models, as LServe keeps
@@ -310,22 +350,31 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
                        spec.budget_pages), jnp.int32) for layer in layers) if selecting else (),
         selected_num_pages=jnp.full((spec.max_seqs,), -1, jnp.int32),
         decode_steps=jnp.zeros((spec.max_seqs,), jnp.int32),
-        **_scales(spec),
+        **_scales(spec, dense, stream_pages),
     )
 
 
-def _scales(spec: KVCacheSpec) -> dict:
-    """The per-layer scale arrays of an int8 cache, split by pool (empty tuples otherwise)."""
-    if not spec.kv_scales:
+def _scales(spec: KVCacheSpec, dense: list[int], stream_pages: int) -> dict:
+    """The per-layer scale arrays of a quantized cache, split by pool (empty tuples
+    otherwise): int8 the static scales; int4 zeroed per-token (scale, zero) pairs and the
+    static smoothing factors."""
+    if spec.kv_cache_dtype == "auto":
         return {}
     out = {}
     for i, kind in enumerate("kv"):
         full = [jnp.asarray(pair[i], jnp.float32) for pair in spec.kv_scales]  # [Hkv, D]
-        out[f"{kind}_scale"] = tuple(x[jnp.asarray(spec.dense_heads(l), jnp.int32)]
-                                     for l, x in enumerate(full))
+        static = f"{kind}_scale" if spec.kv_cache_dtype == "int8" else f"{kind}_smooth"
+        out[static] = tuple(x[jnp.asarray(spec.dense_heads(l), jnp.int32)]
+                            for l, x in enumerate(full))
         if spec.has_streaming:
-            out[f"s{kind}_scale"] = tuple(x[jnp.asarray(spec.streaming_head_ids(l), jnp.int32)]
-                                          for l, x in enumerate(full))
+            out["s" + static] = tuple(x[jnp.asarray(spec.streaming_head_ids(l), jnp.int32)]
+                                      for l, x in enumerate(full))
+        if spec.kv_cache_dtype == "int4":
+            meta = lambda h, p: jnp.zeros((h, p, spec.page_size, 2), jnp.float16)  # noqa: E731
+            out[f"{kind}_scale"] = tuple(meta(h, spec.num_pages) for h in dense)
+            if spec.has_streaming:
+                out[f"s{kind}_scale"] = tuple(meta(spec.num_kv_heads - h, stream_pages)
+                                              for h in dense)
     return out
 
 
@@ -427,8 +476,8 @@ def token_pages(cache: KVCache, slots: jax.Array, positions: jax.Array,
 
 def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Array,
                 scale: jax.Array | None = None) -> jax.Array:
-    """Scatter new keys or values into one layer's pool (quantized with `scale` when the
-    pool holds int8, `quant.quantize_int8`).
+    """Scatter new keys or values into one layer's float or int8 pool (quantized with the
+    static `scale` [Hkv, D] when it holds int8, `quant.quantize_int8`).
 
     pool [Hkv, P, S, D]; pages, offsets [B, T]; x [B, T, Hkv, D] -> pool.
     """
@@ -441,6 +490,20 @@ def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Ar
     return pool.at[:, pages, offsets].set(x)
 
 
+def store(pool: jax.Array, scale: jax.Array | None, pages: jax.Array, offsets: jax.Array,
+          x: jax.Array, smooth: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Write x [B, T, Hkv, D] at (pages, offsets) [B, T] of a pool of any KV dtype and
+    return (pool, scale): int4 divides by the static `smooth` [Hkv, D] and quantizes each
+    token of each head (`quant.quantize_int4`), writing its (scale, zero) pair [Hkv, P, S, 2]
+    beside it; float and int8 pools keep their scale argument (None or the static [Hkv, D])."""
+    if pool.dtype != jnp.uint8:
+        return write_layer(pool, pages, offsets, x, scale), scale
+    x = jnp.moveaxis(x, 2, 0).astype(jnp.float32) * (1.0 / smooth[:, None, None, :])
+    packed, s, z = quant.quantize_int4(x)  # [Hkv, B, T, D / 2], [Hkv, B, T]
+    return (pool.at[:, pages, offsets].set(packed),
+            scale.at[:, pages, offsets].set(jnp.stack([s, z], axis=-1)))
+
+
 def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32,
                head_axis: int = 1) -> jax.Array:
     """Gathered pool entries [..., H, ..., D] (heads on `head_axis`) as `dtype`: dequantized
@@ -450,6 +513,19 @@ def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32,
     shape = [1] * pages.ndim
     shape[head_axis], shape[-1] = scale.shape
     return quant.dequantize_int8(pages, scale.reshape(shape), dtype)
+
+
+def read_pool(pool: tuple, index: int, gather, dtype=jnp.float32, head_axis: int = 1):
+    """Keys (`index` 0) or values (1) of a pool tuple (`KVCache.pool`) at the entries
+    `gather` picks, dequantized to `dtype`. `gather` maps a per-head paged array [H, P, S, X]
+    to its gathered form [..., S, X] with heads on `head_axis` (it is applied to the int4
+    (scale, zero) pairs too, so they follow their tokens)."""
+    x = gather(pool[index])
+    if len(pool) < 6:  # float or int8
+        return read_pages(x, pool[2 + index] if len(pool) == 4 else None, dtype, head_axis)
+    meta = gather(pool[2 + index]).astype(jnp.float32)  # [..., S, 2]
+    out = quant.dequantize_int4(x, meta[..., 0], meta[..., 1])
+    return read_pages(out, pool[4 + index], dtype, head_axis)  # times the smoothing factors
 
 
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,
@@ -513,13 +589,11 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         raise ValueError(f"layer {layer}: the cache holds {cache.k[layer].shape[0]} dense heads, "
                          f"the attention config has {len(dense)}")
     head_dim = k.shape[3]
-    # (the append kernel stores floats: an int8 cache quantizes in the scatter path)
+    # (the append kernel stores floats: a quantized cache quantizes in the scatter path)
     fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
              and not head_dim & (head_dim - 1) and not cache.quantized)
-    ks_, vs_, sks_, svs_ = ((cache.k_scale[layer], cache.v_scale[layer],
-                             cache.sk_scale[layer] if cache.sk_scale else None,
-                             cache.sv_scale[layer] if cache.sv_scale else None)
-                            if cache.quantized else (None,) * 4)
+    scales = {name: getattr(cache, name)[layer] if getattr(cache, name) else None
+              for name in SCALES + SMOOTHING}
     pages, offsets = token_pages(cache, slots, positions, valid)
     # Tokens that are not stored still land in the null page; write zeros there, so a non-finite
     # key or value of one row (a row stopped for NaN logits) never reaches the null page that
@@ -538,8 +612,10 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         if cache.kmax:
             arrays.update(kmax=out[2], kmin=out[3])
     elif not fused:
-        arrays.update(k=write_layer(cache.k[layer], pages, offsets, kd, ks_),
-                      v=write_layer(cache.v[layer], pages, offsets, vd, vs_))
+        for name, x in (("k", kd), ("v", vd)):
+            arrays[name], scales[name + "_scale"] = store(
+                getattr(cache, name)[layer], scales[name + "_scale"], pages, offsets, x,
+                scales[name + "_smooth"])
         if cache.kmax:
             arrays["kmax"], arrays["kmin"] = update_key_stats(
                 cache.kmax[layer], cache.kmin[layer], pages, offsets, kd, valid,
@@ -556,29 +632,39 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
                 cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],
                 offsets[:, 0], kept[:, 0], impl="pallas", interpret=interpret)
         else:
-            arrays["sk"] = write_layer(cache.sk[layer], pages, offsets, ks, sks_)
-            arrays["sv"] = write_layer(cache.sv[layer], pages, offsets, vs, svs_)
+            for name, x in (("sk", ks), ("sv", vs)):
+                arrays[name], scales[name + "_scale"] = store(
+                    getattr(cache, name)[layer], scales[name + "_scale"], pages, offsets, x,
+                    scales[name + "_smooth"])
         if window and cache.window_table.shape[1]:
             pages, offsets = token_pages(cache, slots, positions, valid, cache.window_table)
             kept = valid & (pages != NULL_PAGE)
-            for name, x, scale in (("sk", k, sks_), ("sv", v, svs_)):
+            for name, x in (("sk", k), ("sv", v)):
                 x = jnp.where(kept[:, :, None, None], x[:, :, stream], 0)
-                arrays[name] = write_layer(arrays[name], pages, offsets, x, scale)
-            arrays["sk"], arrays["sv"] = restore_stream_pages(
-                cache, slots, positions[:, 0], lengths, valid[:, 0], arrays["sk"],
-                arrays["sv"], layout)
+                arrays[name], scales[name + "_scale"] = store(
+                    arrays[name], scales[name + "_scale"], pages, offsets, x,
+                    scales[name + "_smooth"])
+            names = ("sk", "sv") + (("sk_scale", "sv_scale") if cache.kv_cache_dtype == "int4"
+                                    else ())
+            restored = restore_stream_pages(
+                cache, slots, positions[:, 0], lengths, valid[:, 0],
+                tuple(arrays[n] if n in arrays else scales[n] for n in names), layout)
+            arrays.update(zip(names, restored))
+    if cache.kv_cache_dtype == "int4":  # the per-token scales written beside the pages
+        arrays.update({name: scales[name] for name in SCALES if scales[name] is not None})
     return cache.replace_layer(layer, **arrays)
 
 
 def restore_stream_pages(cache: KVCache, slots: jax.Array, starts: jax.Array,
-                         lengths: jax.Array, active: jax.Array, sk: jax.Array, sv: jax.Array,
-                         layout: StreamingLayout) -> tuple[jax.Array, jax.Array]:
+                         lengths: jax.Array, active: jax.Array, pools: tuple[jax.Array, ...],
+                         layout: StreamingLayout) -> tuple[jax.Array, ...]:
     """Copy into each slot's decode sink and ring the keys and values of positions before its
     chunk, from the slot's prefill window pages (`KVCache.window_table`), where the window
     holds them.
 
     slots, starts, lengths, active [B]: the chunk of an active row covers [starts, lengths).
-    sk, sv: the layer's streaming pools with the chunk already written. After a prefix hit
+    pools: the layer's streaming pools (sk, sv, and an int4 cache's per-token scales) with
+    the chunk already written, each [Hs, P, S, X]. After a prefix hit
     the slot's decode pages hold nothing of the shared prefix, and this is what fills them; a
     chunk that continues its own prefill rewrites what its earlier chunks stored there, with
     the same values (both are copies of the same keys).
@@ -595,7 +681,7 @@ def restore_stream_pages(cache: KVCache, slots: jax.Array, starts: jax.Array,
     src_off = jnp.where(take, held % s, 0)
     dst_off = jnp.broadcast_to(jnp.arange(s), held.shape)
     out = []
-    for pool in (sk, sv):
-        x = jnp.where(take[None, ..., None], pool[:, src, src_off], 0)  # [H, B, P, S, D]
+    for pool in pools:
+        x = jnp.where(take[None, ..., None], pool[:, src, src_off], 0)  # [H, B, P, S, X]
         out.append(pool.at[:, dst, dst_off].set(x))
-    return out[0], out[1]
+    return tuple(out)

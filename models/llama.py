@@ -112,7 +112,7 @@ def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: in
 
     `page_size` and `logical_page_size` may be given to state what the caller expects; they must
     then equal the config's (the page sizes have one source, the `SparsityConfig`).
-    kv_cache_dtype "int8" stores the pools quantized with `kv_scales` (models/quant.py)."""
+    kv_cache_dtype "int8" stores the pools quantized with `kv_scales` (pallas_kernels/quant.py)."""
     s = attention.sparsity
     for name, value in (("page_size", page_size), ("logical_page_size", logical_page_size)):
         if value is not None and value != getattr(s, name):

@@ -51,6 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import quant
+
 # Finite stand-in for -inf on masked logits: keeps the running max finite, so `m_prev - m_next`
 # is never `-inf - -inf = nan` (same choice as jax/experimental/pallas/ops/gpu/attention.py).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -258,8 +260,11 @@ def gather_pages(pool, heads, pages):
 def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None, *,
                                       sources, sm_scale=None):
     """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention`, and a
-    pool may also be (k_pages, v_pages, k_scale, v_scale): int8 pages read as value * scale,
-    scales [Hpool, D] per head and channel (an int8 KV cache, models/quant.py).
+    pool may also be quantized (pallas_kernels/quant.py, models/kv_cache.py): int8 pages
+    (k_pages, v_pages, k_scale, v_scale) read as value * scale, scales [Hpool, D] per head and
+    channel; int4 pages (k_pages, v_pages, k_meta, v_meta, k_smooth, v_smooth), packed
+    [Hpool, P, S, D / 2] uint8 with a (scale, zero) pair [Hpool, P, S, 2] per token, read as
+    (q * scale + zero) * smooth, smooth [Hpool, D].
 
     For each pool, one gather of the pages its lists name ([B, Hlists, K, S, D], the keys
     actually attended) and a masked f32 softmax over all K * S slots; no loop over B or K.
@@ -276,16 +281,21 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
     outs, order = [], []
     for p, pool in enumerate(pools):
         k_pages, v_pages = pool[0], pool[1]
-        lists = np.array([h for h, (pool, _) in enumerate(sources) if pool == p], np.int32)
+        lists = np.array([h for h, (src, _) in enumerate(sources) if src == p], np.int32)
         if not lists.size:
             continue
         heads = np.array([sources[h][1] for h in lists], np.int32)[None, :, None]  # [1, Hp, 1]
         k = gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
         v = gather_pages(v_pages, heads, pages[:, lists])
-        if len(pools[p]) == 4:  # int8 pages and their scales [Hpool, D]
-            pick = lambda scale: scale[heads[0, :, 0]][None, :, None, None, :]  # noqa: E731
-            k = k.astype(jnp.float32) * pick(pools[p][2])
-            v = v.astype(jnp.float32) * pick(pools[p][3])
+        pick = lambda scale: scale[heads[0, :, 0]][None, :, None, None, :]  # noqa: E731
+        if len(pool) == 6:  # int4: per-token (scale, zero), then the smoothing factors
+            km, vm = (gather_pages(m, heads, pages[:, lists]).astype(jnp.float32)
+                      for m in pool[2:4])
+            k = quant.dequantize_int4(k, km[..., 0], km[..., 1]) * pick(pool[4])
+            v = quant.dequantize_int4(v, vm[..., 0], vm[..., 1]) * pick(pool[5])
+        elif len(pool) == 4:  # int8 pages and their scales [Hpool, D]
+            k = k.astype(jnp.float32) * pick(pool[2])
+            v = v.astype(jnp.float32) * pick(pool[3])
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
         outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),

@@ -315,7 +315,8 @@ def test_key_stats_exact_across_boundaries_and_reuse():
     check(cache, kmax, kmin, 1, keys1)
 
 
-def test_layer_view_round_trip_touches_only_its_layer():
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_layer_view_round_trip_touches_only_its_layer(dtype):
     """A layer step sees a one-layer view and its writes go back to that layer only."""
     from models.streaming_pool import StreamingLayout
 
@@ -324,19 +325,25 @@ def test_layer_view_round_trip_touches_only_its_layer():
                        streaming_heads=((True, False), (False, False), (False, True)),
                        streaming_layout=StreamingLayout(page_size=4, sink_tokens=4,
                                                         local_tokens=4),
-                       budget_pages=3, kv_cache_dtype="int8",
+                       budget_pages=3, kv_cache_dtype=dtype,
                        kv_scales=((0.1, 0.2), (0.3, 0.4), (0.5, 0.6)))  # every per-layer tuple
     cache = kv_cache.init_cache(spec)
     view = cache.layer_view(2)
-    assert view.k_scale[0].shape == (1, 4) and view.sk_scale[0].shape == (1, 4)  # per pool
-    assert (np.asarray(view.k_scale[0]) == np.float32(0.5)).all()
-    assert (np.asarray(view.sv_scale[0]) == np.float32(0.6)).all()
-    assert all(len(getattr(view, name)) == 1 for name in kv_cache.PER_LAYER)
+    static = "scale" if dtype == "int8" else "smooth"  # int4: per-token scales + smoothing
+    assert getattr(view, f"k_{static}")[0].shape == (1, 4)  # per pool
+    assert getattr(view, f"sk_{static}")[0].shape == (1, 4)
+    assert (np.asarray(getattr(view, f"k_{static}")[0]) == np.float32(0.5)).all()
+    assert (np.asarray(getattr(view, f"sv_{static}")[0]) == np.float32(0.6)).all()
+    if dtype == "int4":
+        assert view.k_scale[0].shape == (1, 6, 4, 2) and view.sv_scale[0].dtype == jnp.float16
+    kept = [name for name in kv_cache.PER_LAYER if getattr(cache, name)]
+    assert len(kept) == (11 if dtype == "int8" else 15)  # every per-layer tuple there is
+    assert all(len(getattr(view, name)) == 1 for name in kept)
     assert view.k[0] is cache.k[2] and view.page_table is cache.page_table
     changed = view.replace_layer(0, k=view.k[0] + 1, sv=view.sv[0] - 1,
                                  selected=view.selected[0] + 7)
     out = cache.with_layer(2, changed.replace(seq_lens=cache.seq_lens + 5))
-    for name in kv_cache.PER_LAYER:
+    for name in kept:
         for layer in range(3):
             expect = getattr(changed if layer == 2 else cache, name)[0 if layer == 2 else layer]
             np.testing.assert_array_equal(getattr(out, name)[layer], expect, f"{name}[{layer}]")

@@ -1,4 +1,4 @@
-"""KV-cache quantization arithmetic (models/quant.py) against NumPy: int8 per-tensor symmetric
+"""KV-cache quantization arithmetic (pallas_kernels/quant.py) against NumPy: int8 symmetric
 (rounding half to even, clipping, never wrapping) and int4 per-token asymmetric (16-bit scale
 and zero point, packing order, odd head dims refused); and the key statistics, which must stay
 a float type whatever the pools hold."""
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import kv_cache, quant
+from models import kv_cache
+from pallas_kernels import quant
 
 
 def np_int8(x, scale):

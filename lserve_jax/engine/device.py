@@ -189,19 +189,21 @@ class PoolSize:
 
 def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
     """(bytes per page over all layers, bytes independent of the page count) of a cache."""
-    item = spec.pool_dtype.itemsize  # keys and values (1 byte in an int8 cache)
+    token = spec.token_head_bytes  # keys and values of a token of a head, with int4's scales
     stat_item = spec.stats_dtype.itemsize  # key statistics keep the model's float dtype
     s, d = spec.page_size, spec.head_dim
     per_page = fixed = 0
     for layer in range(spec.num_layers):
         dense = len(spec.dense_heads(layer))
-        per_page += 2 * dense * s * d * item
+        per_page += dense * s * token
+        if spec.kv_cache_dtype != "auto":  # static f32 scales (or int4's smoothing factors)
+            fixed += 2 * spec.num_kv_heads * d * 4
         if spec.logical_page_size is not None:
             per_page += 2 * dense * (s // spec.logical_page_size) * d * stat_item
         if spec.has_streaming:
             stream = spec.num_kv_heads - dense
             pages = 1 + spec.max_seqs * spec.streaming_layout.num_pages + spec.num_window_pages
-            fixed += 2 * stream * pages * s * d * item
+            fixed += stream * pages * s * token
         if spec.budget_pages is not None:
             fixed += 4 * spec.max_seqs * dense * spec.selection_lists_per_head * spec.budget_pages
     return per_page, fixed

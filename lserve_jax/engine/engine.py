@@ -47,7 +47,8 @@ from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, windo
 from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import kv_cache, llama, quant
+from models import kv_cache, llama
+from pallas_kernels import quant
 from models.attention import AttentionConfig
 
 log = logging.getLogger("lserve_jax")
@@ -201,10 +202,12 @@ class Engine:
     `long_prefill_token_threshold`: while requests wait, a prompt chunk takes at most this many
     tokens (default a quarter of `max_num_batched_tokens`; 0: no cap), so short requests behind
     a long prompt start in the same step.
-    `kv_cache_dtype`: "auto" (the model's dtype) or "int8" (keys and values quantized with
+    `kv_cache_dtype`: "auto" (the model's dtype), "int8" (keys and values quantized with
     static scales per layer, KV head and channel, from `kv_scales` (per layer a (k, v) pair of
     numbers or [Hkv][D] lists) or calibrated on the book text and stored beside the
-    checkpoint: lserve_jax/kv_quant.py; the XLA path so far).
+    checkpoint: lserve_jax/kv_quant.py) or "int4" (each token of each head with its own
+    float16 scale and zero point, pallas_kernels/quant.py, after dividing each channel by
+    the same calibrated scales, models/kv_cache.py); the XLA path so far.
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -248,18 +251,16 @@ class Engine:
         self.checkpoint_path = path
         self.kv_cache_dtype = quant.check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
         self.kv_scales = None
-        if kv_cache_dtype == "int8":
-            if self.impl != "xla":
-                raise NotImplementedError("kv_cache_dtype='int8' runs on the XLA path so far "
-                                          "(impl='xla'); the Pallas kernels read float pages")
+        if kv_cache_dtype != "auto" and self.impl != "xla":
+            raise NotImplementedError(f"kv_cache_dtype={kv_cache_dtype!r} runs on the XLA "
+                                      "path so far (impl='xla'); the Pallas kernels read "
+                                      "float pages")
+        if kv_cache_dtype != "auto":
             self.kv_scales = (kv_quant.check_kv_scales(kv_scales, self.config)
                               if kv_scales is not None else kv_quant.load_or_calibrate(
                                   path, self.params, self.config, self.tokenizer))
         elif kv_scales is not None:
-            raise ValueError("kv_scales are only used with kv_cache_dtype='int8'")
-        elif kv_cache_dtype == "int4":
-            raise NotImplementedError("kv_cache_dtype='int4' pages are not stored yet; use "
-                                      "'int8'")
+            raise ValueError("kv_scales are only used with a quantized kv_cache_dtype")
         self.head_pattern = None
         self.attention = self._attention_config()
         context = self.config.max_position_embeddings

@@ -29,6 +29,12 @@ INT8_MAX = 127
 INT4_LEVELS = 15  # q in [0, 15]
 
 
+def pool_dtype(kv_cache_dtype: str, dtype=jnp.float32):
+    """What a pool of `kv_cache_dtype` holds: int8, uint8 (two int4 values a byte), or the
+    model's float `dtype` for "auto"."""
+    return jnp.dtype({"int8": jnp.int8, "int4": jnp.uint8}.get(kv_cache_dtype, dtype))
+
+
 def check_kv_cache_dtype(kv_cache_dtype: str, head_dim: int) -> str:
     """The KV cache dtype name, if it is one of KV_CACHE_DTYPES and fits the head_dim."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
