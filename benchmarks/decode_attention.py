@@ -4,6 +4,7 @@
                                           [--contexts 8192 ...] [--batches 1 8]
                                           [--variants default query_head_i1 ...]
                                           [--working-set-mib N] [--small]
+                                          [--kv-cache-dtypes auto int8 int4]
 
 GPU: Llama-3-8B attention (32 query heads, 8 KV heads, D=128, bf16), our Pallas paged decode
 kernel, batch 1 and 8, contexts 8K..256K. CPU (or --small): same head shape in f32 on the
@@ -19,6 +20,11 @@ only the page lists and the interval: `kv_head_i4` (the shipped default, alias `
 does); --variants picks some (default: all, the shipped one first). Every record carries every
 knob (None where dense attention has no such knob). Dense: `decode_attention(...,
 selected=None)` in dense mode, every page of all 8 KV heads, measured first at each shape.
+
+KV cache dtypes (--kv-cache-dtypes, default auto): "auto" pages in the model's dtype; "int8"
+and "int4" quantized pages (pallas_kernels/quant.py) that the kernel dequantizes in registers,
+with the key statistics still in the model's dtype. Every config runs once per KV dtype;
+`speedup_vs_auto_kv` is over the same config with "auto" pages in this run.
 
 The cache is built directly, as if a prefill had run: every slot holds `context` tokens of random
 K/V on pages whose physical ids are shuffled (a random relabelling of the pool, so no sequence
@@ -48,7 +54,8 @@ Reported: median over calls / steps, which includes one loop iteration per layer
 pays one per token for all its layers).
 
 Bytes per step (the roofline figure; `achieved_gbps` = bytes / time):
-- dense: B * Hkv * context * D * 2 (K and V) * itemsize;
+- dense: B * Hkv * context * (K and V bytes of a token of a head: 2 * D * itemsize; int8
+  2 * D; int4 2 * (D / 2 + 4), its float16 scale and zero point included);
 - lserve: K and V of dense heads * min(context, budget) + streaming heads * min(context,
   sink + local + one page) tokens, plus the key max/min (pool dtype) of every logical page of the
   dense heads on selection steps, amortised over the interval (none while context <= budget: then
@@ -88,6 +95,7 @@ from lserve_jax.sparsity import SparsityConfig  # noqa: E402
 from models import kv_cache, llama  # noqa: E402
 from models.attention import AttentionConfig, LayerStep, attend_layer  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
+from pallas_kernels import quant  # noqa: E402
 
 SPARSITY = SparsityConfig()  # the shipped knobs
 PAGE_SIZE, LOGICAL_PAGE_SIZE = SPARSITY.page_size, SPARSITY.logical_page_size
@@ -106,6 +114,7 @@ MEMORY_CAP_BYTES = 70 * 2**30
 # Targets on an H200 at 256K, batch 1: dense within 1.2x of its byte floor; LServe (shipped
 # knobs) at most 15 µs per layer step and at least 20x faster than dense.
 TARGET_CONTEXT, TARGET_DENSE_OVER_FLOOR, TARGET_US, TARGET_SPEEDUP = 262144, 1.2, 15.0, 20.0
+TARGET_INT8_SPEEDUP = 1.8  # dense paged attention over int8 pages vs bf16 pages, same run
 
 
 def shipped_attention(impl: str, streaming_heads, **overrides) -> AttentionConfig:
@@ -153,8 +162,12 @@ def _key_stats(k: jax.Array) -> tuple[jax.Array, jax.Array]:
     return blocks.max(axis=3), blocks.min(axis=3)
 
 
+KV_SCALE = 0.03  # int8: N(0, 1) values clip past 127 * 0.03 = 3.8 standard deviations
+
+
 def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int, context: int,
-                 capacity: int, dtype, seed: int) -> kv_cache.KVCache:
+                 capacity: int, dtype, seed: int,
+                 kv_cache_dtype: str = "auto") -> kv_cache.KVCache:
     """A cache whose slots 0..batch-1 each hold `context` tokens of random K/V in every layer.
 
     Pages for `capacity` >= context tokens are reserved per slot, then the physical page ids
@@ -162,12 +175,17 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     pool as after a long run of allocations and releases. Every pool is filled with
     normal(0, 1) keys/values; the key statistics (LServe mode) are the max/min of those keys
     per logical page, so the selector's bounds are consistent with what attention reads.
-    `seq_lens` is set to `context`; the selector's clock starts at 0 with no stored selection.
+    A quantized cache stores those values quantized (int8 with the static `KV_SCALE`, int4
+    per token with smoothing factors 1). `seq_lens` is set to `context`; the selector's clock
+    starts at 0 with no stored selection.
     """
     pages_per_seq = -(-capacity // PAGE_SIZE)
+    scale = 1.0 if kv_cache_dtype == "int4" else KV_SCALE
     spec = llama.cache_spec(config, attention, num_pages=batch * pages_per_seq + 1,
                             page_size=PAGE_SIZE, max_seqs=batch, max_pages_per_seq=pages_per_seq,
-                            dtype=jnp.dtype(dtype).name)
+                            dtype=jnp.dtype(dtype).name, kv_cache_dtype=kv_cache_dtype,
+                            kv_scales=(((scale, scale),) * config.num_layers
+                                       if kv_cache_dtype != "auto" else None))
     cache = kv_cache.init_cache(spec)
     for slot in range(batch):
         cache, ok = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(capacity))
@@ -182,16 +200,31 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     key = jax.random.key(seed)
     for layer in range(config.num_layers):
         key, kk, kv, ks, ksv = jax.random.split(key, 5)
-        k = jax.random.normal(kk, cache.k[layer].shape, dtype)
-        arrays = dict(k=k, v=jax.random.normal(kv, cache.v[layer].shape, dtype))
+        shape = lambda pool: pool[layer].shape[:3] + (HEAD_DIM,)  # noqa: E731
+        k = jax.random.normal(kk, shape(cache.k), dtype)
+        arrays = dict(_stored("k", k, kv_cache_dtype),
+                      **_stored("v", jax.random.normal(kv, shape(cache.v), dtype), kv_cache_dtype))
         if cache.kmax:
             arrays["kmax"], arrays["kmin"] = _key_stats(k)
         if cache.sk:
-            arrays["sk"] = jax.random.normal(ks, cache.sk[layer].shape, dtype)
-            arrays["sv"] = jax.random.normal(ksv, cache.sv[layer].shape, dtype)
+            arrays.update(_stored("sk", jax.random.normal(ks, shape(cache.sk), dtype),
+                                  kv_cache_dtype))
+            arrays.update(_stored("sv", jax.random.normal(ksv, shape(cache.sv), dtype),
+                                  kv_cache_dtype))
         cache = cache.replace_layer(layer, **arrays)
         del k, arrays
     return cache
+
+
+@functools.partial(jax.jit, static_argnames=("name", "kv_cache_dtype"))
+def _stored(name: str, x: jax.Array, kv_cache_dtype: str) -> dict:
+    """A pool's arrays holding x [H, P, S, D] as a cache of `kv_cache_dtype` stores it."""
+    if kv_cache_dtype == "int8":
+        return {name: quant.quantize_int8(x, KV_SCALE)}
+    if kv_cache_dtype == "int4":
+        packed, scale, zero = quant.quantize_int4(x)
+        return {name: packed, f"{name}_scale": jnp.stack([scale, zero], axis=-1)}
+    return {name: x}
 
 
 def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
@@ -229,10 +262,17 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
     return jax.lax.fori_loop(0, qs.shape[0], step, (cache, jnp.zeros(qs.shape[1:], jnp.float32)))
 
 
-def step_bytes(*, batch, context, attention, itemsize, num_streaming) -> dict:
+def token_bytes(kv_cache_dtype: str, itemsize: int) -> int:
+    """K and V bytes of one token of one KV head (int4: with its scale and zero point)."""
+    return {"int8": 2 * HEAD_DIM, "int4": 2 * (HEAD_DIM // 2 + 4)}.get(
+        kv_cache_dtype, 2 * HEAD_DIM * itemsize)
+
+
+def step_bytes(*, batch, context, attention, itemsize, num_streaming,
+               kv_cache_dtype="auto") -> dict:
     """Bytes one decode step reads (see the module docstring), and what the page lists name."""
     d, hkv, g = HEAD_DIM, NUM_KV_HEADS, NUM_HEADS // NUM_KV_HEADS
-    per_token = 2 * d * itemsize  # K and V of one head
+    per_token = token_bytes(kv_cache_dtype, itemsize)  # K and V of one head
     if attention.mode == "dense":
         kv = batch * hkv * context * per_token
         return dict(kv_bytes=kv, kv_bytes_loaded=kv, stats_bytes=0, bytes_per_step=kv)
@@ -251,11 +291,11 @@ def step_bytes(*, batch, context, attention, itemsize, num_streaming) -> dict:
                 bytes_per_step=kv + stats / knobs.selector_interval)
 
 
-def slot_bytes(context, mode, num_streaming, itemsize) -> int:
+def slot_bytes(context, mode, num_streaming, itemsize, kv_cache_dtype="auto") -> int:
     """Device memory of one slot's dense-pool pages and key statistics (the streaming pool's
     few pages per slot are left out)."""
     dense_heads = NUM_KV_HEADS - (num_streaming if mode == "lserve" else 0)
-    kv = dense_heads * context * 2 * HEAD_DIM * itemsize
+    kv = dense_heads * context * token_bytes(kv_cache_dtype, itemsize)
     stats = dense_heads * (context // LOGICAL_PAGE_SIZE) * HEAD_DIM * itemsize * 2
     return kv + (stats if mode == "lserve" else 0)
 
@@ -268,8 +308,8 @@ def rotation_for(bytes_per_step: float, target: int, per_set_bytes: int) -> int:
 
 
 def run_shape(batch, context, args, on_gpu, bandwidth, seed):
-    """Time dense, then every LServe variant, at one (batch, context); yields one record per
-    config as soon as it is measured."""
+    """Time dense, then every LServe variant, at one (batch, context), once per KV cache dtype;
+    yields one record per config as soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
     impl = "pallas" if on_gpu else "xla"
@@ -283,87 +323,102 @@ def run_shape(batch, context, args, on_gpu, bandwidth, seed):
     configs += [(name, shipped_attention(impl, (streaming,), page_selection=sel,
                                          selector_interval=n))
                 for name, (sel, n) in ((v, VARIANTS[v]) for v in args.variants)]
-    nbytes = {name: step_bytes(batch=batch, context=context, attention=cfg, itemsize=itemsize,
-                               num_streaming=num_streaming) for name, cfg in configs}
-    # One cache per mode, shared by its configs: cycle enough slot sets for the one reading least.
-    rotation = {}
-    for mode in ("dense", "lserve"):
-        per_step = [nbytes[n]["bytes_per_step"] for n, c in configs if c.mode == mode]
-        if per_step:
-            rotation[mode] = rotation_for(min(per_step), args.working_set,
-                                          batch * slot_bytes(context, mode, num_streaming,
-                                                             itemsize))
     base = dict(batch=batch, context=context, Hq=NUM_HEADS, Hkv=NUM_KV_HEADS, D=HEAD_DIM,
                 dtype=jnp.dtype(dtype).name, impl=impl, num_streaming_heads=num_streaming)
-
     key_q, key_kv = jax.random.split(jax.random.key(seed))
     lengths = jnp.full((batch,), context, jnp.int32)
-    dense_us = None
-    caches = {}
-    for name, cfg in configs:
-        rot = rotation[cfg.mode]
-        steps = rot * args.steps
-        rec = dict(base, mode=cfg.mode, variant=name, **knob_fields(cfg, fraction),
-                   rotation=rot, steps_per_call=steps,
-                   working_set_bytes=int(rot * nbytes[name]["bytes_per_step"]),
-                   working_set_target_bytes=args.working_set)
-        need = rot * batch * slot_bytes(context, cfg.mode, num_streaming, itemsize)
-        if need > MEMORY_CAP_BYTES:
-            yield dict(rec, status="skipped", error=f"caches need {need / 2**30:.0f} GiB")
-            continue
-        try:
-            if cfg.mode not in caches:
-                caches.clear()  # the dense cache is done with once LServe starts
-                caches[cfg.mode] = random_cache(config, cfg, batch=rot * batch, context=context,
-                                                capacity=context, dtype=dtype, seed=seed + 1)
-            cache = caches.pop(cfg.mode)  # donated below; the returned one is kept
-            if cfg.mode == "lserve":  # page lists per KV head or per query head, none stored
-                lists = (NUM_KV_HEADS - num_streaming) * (
-                    NUM_HEADS // NUM_KV_HEADS if cfg.sparsity.page_selection == "query_head" else 1)
-                cache = cache.replace(selected=(jnp.zeros(
-                    (rot * batch, lists, cfg.sparsity.budget_pages), jnp.int32),))
-            qs = jax.random.normal(key_q, (steps, batch, NUM_HEADS, HEAD_DIM), dtype)
-            new_kv = jax.random.normal(key_kv, (steps, 2, batch, 1, NUM_KV_HEADS, HEAD_DIM),
-                                       dtype)
-            fn = jax.jit(functools.partial(_steps, attention=cfg, batch=batch, rotation=rot),
-                         donate_argnames=("cache",))
-            us, compile_s, caches[cfg.mode] = time_steps(
-                fn, cache, qs, new_kv, lengths, budget_s=TIME_BUDGET_S[on_gpu])
-            del cache
-        except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs, go on
-            status = "skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e) else "failed"
-            yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-            continue
-        us /= steps
-        floor_us = nbytes[name]["bytes_per_step"] / bandwidth / 1e3
-        achieved = nbytes[name]["bytes_per_step"] / us / 1e3
-        rec.update(status="ok", us_per_step=round(us, 2), compile_s=round(compile_s, 2),
-                   **nbytes[name], achieved_gbps=round(achieved, 2),
-                   fraction_of_copy_bw=round(achieved / bandwidth, 3),
-                   floor_us=round(floor_us, 2), us_over_floor=round(us / floor_us, 3))
-        if cfg.mode == "dense":
-            dense_us = us
-        elif dense_us:
-            rec["speedup_vs_dense"] = round(dense_us / us, 3)
-        yield rec
-    caches.clear()
+    auto_us = {}  # config name -> µs per step with "auto" pages
+    for kv_dtype in args.kv_cache_dtypes:
+        nbytes = {name: step_bytes(batch=batch, context=context, attention=cfg,
+                                   itemsize=itemsize, num_streaming=num_streaming,
+                                   kv_cache_dtype=kv_dtype) for name, cfg in configs}
+        per_slot = {mode: slot_bytes(context, mode, num_streaming, itemsize, kv_dtype)
+                    for mode in ("dense", "lserve")}
+        # One cache per mode, shared by its configs: cycle enough slot sets for the one
+        # reading least.
+        rotation = {}
+        for mode in ("dense", "lserve"):
+            per_step = [nbytes[n]["bytes_per_step"] for n, c in configs if c.mode == mode]
+            if per_step:
+                rotation[mode] = rotation_for(min(per_step), args.working_set,
+                                              batch * per_slot[mode])
+        dense_us = None
+        caches = {}
+        for name, cfg in configs:
+            rot = rotation[cfg.mode]
+            steps = rot * args.steps
+            rec = dict(base, kv_cache_dtype=kv_dtype, mode=cfg.mode, variant=name,
+                       **knob_fields(cfg, fraction), rotation=rot, steps_per_call=steps,
+                       working_set_bytes=int(rot * nbytes[name]["bytes_per_step"]),
+                       working_set_target_bytes=args.working_set)
+            need = rot * batch * per_slot[cfg.mode]
+            if need > MEMORY_CAP_BYTES:
+                yield dict(rec, status="skipped", error=f"caches need {need / 2**30:.0f} GiB")
+                continue
+            try:
+                if cfg.mode not in caches:
+                    caches.clear()  # the dense cache is done with once LServe starts
+                    caches[cfg.mode] = random_cache(
+                        config, cfg, batch=rot * batch, context=context, capacity=context,
+                        dtype=dtype, seed=seed + 1, kv_cache_dtype=kv_dtype)
+                cache = caches.pop(cfg.mode)  # donated below; the returned one is kept
+                if cfg.mode == "lserve":  # page lists per KV head or per query head, none stored
+                    lists = (NUM_KV_HEADS - num_streaming) * (
+                        NUM_HEADS // NUM_KV_HEADS
+                        if cfg.sparsity.page_selection == "query_head" else 1)
+                    cache = cache.replace(selected=(jnp.zeros(
+                        (rot * batch, lists, cfg.sparsity.budget_pages), jnp.int32),))
+                qs = jax.random.normal(key_q, (steps, batch, NUM_HEADS, HEAD_DIM), dtype)
+                new_kv = jax.random.normal(key_kv, (steps, 2, batch, 1, NUM_KV_HEADS,
+                                                    HEAD_DIM), dtype)
+                fn = jax.jit(functools.partial(_steps, attention=cfg, batch=batch, rotation=rot),
+                             donate_argnames=("cache",))
+                us, compile_s, caches[cfg.mode] = time_steps(
+                    fn, cache, qs, new_kv, lengths, budget_s=TIME_BUDGET_S[on_gpu])
+                del cache
+            except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs, go on
+                status = ("skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e)
+                          else "failed")
+                yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            us /= steps
+            floor_us = nbytes[name]["bytes_per_step"] / bandwidth / 1e3
+            achieved = nbytes[name]["bytes_per_step"] / us / 1e3
+            rec.update(status="ok", us_per_step=round(us, 2), compile_s=round(compile_s, 2),
+                       **nbytes[name], achieved_gbps=round(achieved, 2),
+                       fraction_of_copy_bw=round(achieved / bandwidth, 3),
+                       floor_us=round(floor_us, 2), us_over_floor=round(us / floor_us, 3))
+            if cfg.mode == "dense":
+                dense_us = us
+            elif dense_us:
+                rec["speedup_vs_dense"] = round(dense_us / us, 3)
+            if kv_dtype == "auto":
+                auto_us[name] = us
+            elif name in auto_us:
+                rec["speedup_vs_auto_kv"] = round(auto_us[name] / us, 3)
+            yield rec
+        caches.clear()
 
 
 def label(rec) -> str:
-    return "dense" if rec["mode"] == "dense" else f"lserve {rec['variant']}"
+    kv = rec.get("kv_cache_dtype", "auto")
+    name = "dense" if rec["mode"] == "dense" else f"lserve {rec['variant']}"
+    return name if kv == "auto" else f"{name} kv {kv}"
 
 
 def print_summary(records, on_gpu):
-    print(f"{'B':>2} {'context':>7} {'config':<22} {'rot':>3} {'us/step':>9} {'floor us':>9} "
-          f"{'GB/s':>7} {'of copy':>7} {'vs dense':>8}")
+    print(f"{'B':>2} {'context':>7} {'config':<30} {'rot':>3} {'us/step':>9} {'floor us':>9} "
+          f"{'GB/s':>7} {'of copy':>7} {'vs dense':>8} {'vs auto kv':>10}")
     for r in records:
-        head = f"{r['batch']:>2} {r['context']:>7} {label(r):<22} {r['rotation']:>3}"
+        head = f"{r['batch']:>2} {r['context']:>7} {label(r):<30} {r['rotation']:>3}"
         if r["status"] != "ok":
             print(f"{head} {r['status']}: {r.get('error', '')[:80]}")
             continue
         speedup = f"{r['speedup_vs_dense']:>7.1f}x" if "speedup_vs_dense" in r else f"{'':>8}"
+        vs_auto = (f"{r['speedup_vs_auto_kv']:>9.2f}x" if "speedup_vs_auto_kv" in r
+                   else f"{'':>10}")
         print(f"{head} {r['us_per_step']:>9.1f} {r['floor_us']:>9.1f} {r['achieved_gbps']:>7.0f} "
-              f"{r['fraction_of_copy_bw']:>7.2f} {speedup}")
+              f"{r['fraction_of_copy_bw']:>7.2f} {speedup} {vs_auto}")
     if not on_gpu:
         return
     print(f"H200 targets at {TARGET_CONTEXT}, B=1: dense <= {TARGET_DENSE_OVER_FLOOR}x its byte "
@@ -371,6 +426,15 @@ def print_summary(records, on_gpu):
           f"{TARGET_SPEEDUP:.0f}x dense")
     for r in records:
         if r["context"] != TARGET_CONTEXT or r["batch"] != 1 or r["status"] != "ok":
+            continue
+        if r.get("kv_cache_dtype", "auto") == "int8" and r["mode"] == "dense":
+            if "speedup_vs_auto_kv" in r:
+                ok = r["speedup_vs_auto_kv"] >= TARGET_INT8_SPEEDUP
+                print(f"  dense int8 KV: {r['us_per_step']:.1f} us, {r['speedup_vs_auto_kv']:.2f}x "
+                      f"the bf16 KV (target >= {TARGET_INT8_SPEEDUP}x) -> "
+                      f"{'met' if ok else 'NOT met'}")
+            continue
+        if r.get("kv_cache_dtype", "auto") != "auto":
             continue
         if r["mode"] == "dense":
             ok = r["us_over_floor"] <= TARGET_DENSE_OVER_FLOOR
@@ -429,7 +493,12 @@ def main():
     parser.add_argument("--working-set-mib", type=int, default=None,
                         help="rotation target (default 256 on GPU, 64 with --small)")
     parser.add_argument("--small", action="store_true", help="CPU-sized runs")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"],
+                        choices=quant.KV_CACHE_DTYPES,
+                        help="KV cache dtypes to time (auto first: the others are compared "
+                        "with it)")
     args = parser.parse_args()
+    args.kv_cache_dtypes = list(dict.fromkeys(args.kv_cache_dtypes))
 
     on_gpu = jax.default_backend() == "gpu"
     small = args.small or not on_gpu

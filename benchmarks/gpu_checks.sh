@@ -5,13 +5,15 @@
 #   device (20 s)       device.txt: nvidia-smi name/memory/driver, commit, jax version and
 #                       devices, copy bandwidth measured now (benchmarks/provenance.py; exported
 #                       to the benchmarks as LSERVE_COPY_GBPS)
-#   gpu_tests (90 s)    only the gpu-marked tests (not the interpret-mode copies CPU CI runs):
+#   gpu_tests (100 s)   only the gpu-marked tests (not the interpret-mode copies CPU CI runs):
 #                       decode kernel, page-selection kernels (tests/test_page_select.py, when
-#                       present), the model path (LLM pallas vs xla), prefill kernel
-#   decode_attention (100 s)  one layer, batch 1: dense and LServe's shipped knobs, 256K and 32K
-#   hlo_counts (50 s)   compiled-HLO counts of a decode step (when benchmarks/hlo_counts.py exists)
+#                       present), the model path (LLM pallas vs xla, float and int8/int4
+#                       KV), prefill kernel
+#   decode_attention (110 s)  one layer, batch 1: dense and LServe's shipped knobs, 256K and 32K,
+#                       bf16 and int8 KV pages
+#   hlo_counts (40 s)   compiled-HLO counts of a decode step (when benchmarks/hlo_counts.py exists)
 #   decode_e2e (150 s)  Llama-3-8B shape, random bf16 weights, 256K: LServe, then dense
-#   prefill_attention (60 s)  one prompt length (64K): ours dense and LServe, cuDNN
+#   prefill_attention (50 s)  one prompt length (64K): ours dense and LServe, cuDNN
 #
 # Usage (repo root): OUT=dir [LSERVE_COMMIT=sha] bash benchmarks/gpu_checks.sh [--dry-run]
 #   --dry-run: the same steps on CPU at small sizes (--small; the gpu tests are collected and
@@ -57,13 +59,13 @@ export LSERVE_COMMIT
 
 if (( DRY_RUN )); then
   SMALL=(--small)
-  DECODE_ARGS=(--small --contexts 8192 --batches 1 --variants default)
+  DECODE_ARGS=(--small --contexts 8192 --batches 1 --variants default --kv-cache-dtypes auto int8)
   E2E_ARGS=(--small --contexts 8192 --modes lserve dense)
   PREFILL_ARGS=(--small --lengths 512)
 else
   SMALL=()
   # 256K first: the targets are there; dense at each context for the speed-ups.
-  DECODE_ARGS=(--contexts 262144 32768 --batches 1 --variants default)
+  DECODE_ARGS=(--contexts 262144 32768 --batches 1 --variants default --kv-cache-dtypes auto int8)
   # LServe first: its ratio to the weight floor needs no dense run.
   E2E_ARGS=(--contexts 262144 --modes lserve dense)
   PREFILL_ARGS=(--lengths 65536)
@@ -120,14 +122,14 @@ GBPS=$(sed -n 's/^copy_bandwidth_gbps: \([0-9.]*\).*/\1/p' "$OUT/device.txt")
 TESTS=(tests/test_paged_decode.py)
 [[ -f tests/test_page_select.py ]] && TESTS+=(tests/test_page_select.py)
 TESTS+=(tests/test_gpu_model_path.py tests/test_sparse_prefill.py)
-step gpu_tests 90 "$PY" -m pytest -m gpu -v -rfEs -p no:cacheprovider \
+step gpu_tests 100 "$PY" -m pytest -m gpu -v -rfEs -p no:cacheprovider \
   --continue-on-collection-errors --durations=5 "${TESTS[@]}"
 
-step decode_attention 100 "$PY" benchmarks/decode_attention.py "${DECODE_ARGS[@]}" \
+step decode_attention 110 "$PY" benchmarks/decode_attention.py "${DECODE_ARGS[@]}" \
   --out "$OUT/decode_attention.jsonl" --plot "$WORK/decode_attention.png"
 
 if [[ -f benchmarks/hlo_counts.py ]]; then
-  step hlo_counts 50 "$PY" benchmarks/hlo_counts.py ${SMALL[@]+"${SMALL[@]}"} \
+  step hlo_counts 40 "$PY" benchmarks/hlo_counts.py ${SMALL[@]+"${SMALL[@]}"} \
     --out "$OUT/hlo_counts.jsonl"
 else
   SUMMARY+=("hlo_counts: not run (no benchmarks/hlo_counts.py)")
@@ -136,7 +138,7 @@ fi
 step decode_e2e 150 "$PY" benchmarks/decode_e2e.py "${E2E_ARGS[@]}" \
   --out "$OUT/decode_e2e.jsonl" --plot "$WORK/decode_e2e.png"
 
-step prefill_attention 60 "$PY" benchmarks/prefill_attention.py "${PREFILL_ARGS[@]}" \
+step prefill_attention 50 "$PY" benchmarks/prefill_attention.py "${PREFILL_ARGS[@]}" \
   --out "$OUT/prefill_attention.jsonl" --plot "$WORK/prefill_attention.png"
 
 {

@@ -30,6 +30,14 @@ splits with a log-sum-exp merge in plain jnp. Only the real query rows and head-
 the partials are stored (Triton's dot needs at least 16 rows, so q is padded in registers, but
 the padded rows never reach memory).
 
+Quantized pages (an int8 or int4 KV cache, pallas_kernels/quant.py) are read as they are
+stored and dequantized in registers; the algebra keeps the page loop as cheap as for floats.
+A static per-channel factor f of the keys (int8 scales, int4 smoothing factors) moves onto
+the query, q . (k * f) = (q * f) . k, and one of the values onto the output, so int8 pages
+enter the dots as plain integers converted to q's dtype. An int4 token carries its own scale
+a and zero point z: its logit is a * (q . n) + z * sum(q) for the nibbles n, and its value
+weight p contributes (p * a) n + p * z, so the nibbles also enter the dots unscaled.
+
 Layers: `_kernel` (one run of entries of one list) -> `_pallas_decode` (grid and BlockSpecs) ->
 `pooled_decode_attention` / `paged_decode_attention` (public jitted ops, `impl="pallas" |
 "xla"`). The plain-jnp `pooled_decode_attention_reference` / `paged_decode_attention_reference`
@@ -92,17 +100,25 @@ def _effective_num_splits(num_splits: int, num_entries: int) -> int:
 
 
 def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_scale, num_pools,
-            num_splits, rows, d):
+            kv_format, num_splits, rows, d):
     """A run of the live entries of one list.
 
     count_ref [] int32 live entries of this list; source_ref [2] int32 (pool, KV head) of the
-    list; pages_ref, lo_ref, hi_ref [K] int32; q_ref [Gp, Dp]; then per pool k_ref, v_ref
-    [Hpool, P, S, Dp] (whole pools: Triton blocks are only pointers, nothing is copied; the
-    page is gathered by dynamic indices below); then o_ref [Gp, Dp] f32 (unnormalised), m_ref,
-    l_ref [Gp] f32 (running max in log2 units, sum of exponentials). Only rows < `rows` and
-    columns < `d` are stored.
+    list; pages_ref, lo_ref, hi_ref [K] int32; q_ref [Gp, Dp]; then per pool its page refs
+    (whole pools: Triton blocks are only pointers, nothing is copied; the page is gathered by
+    dynamic indices below): k_ref, v_ref [Hpool, P, S, Dp] for "float" and "int8" pages,
+    plus the (scale, zero) refs km_ref, vm_ref [Hpool, P, S, 2] for "int4" pages, whose
+    k_ref, v_ref hold [Hpool, P, S, Dp / 2] bytes; then o_ref [Gp, Dp] f32 (unnormalised),
+    m_ref, l_ref [Gp] f32 (running max in log2 units, sum of exponentials). Only rows < `rows`
+    and columns < `d` are stored.
+
+    Quantized pages are dequantized in registers (see "Quantized pages" in the module
+    docstring): the wrapper folded the static per-channel factors into q and applies the
+    values' factors to the output, so the kernel sees integer pages and per-token factors.
     """
-    pool_refs, (o_ref, m_ref, l_ref) = refs[:2 * num_pools], refs[2 * num_pools:]
+    refs_per_pool = 4 if kv_format == "int4" else 2
+    pool_refs = refs[:refs_per_pool * num_pools]
+    o_ref, m_ref, l_ref = refs[refs_per_pool * num_pools:]
     rows_pad, d_pad = q_ref.shape
     page_size = pool_refs[0].shape[2]
     count = count_ref[...]
@@ -117,33 +133,58 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
     # f32 inputs: IEEE dots (Triton's default is TF32, too coarse for the f32 tolerances).
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     offsets = lax.broadcasted_iota(jnp.int32, (rows_pad, page_size), 1)
+    # Sum of q's channels: the int4 zero point z of a key adds z * sum(q) to its logit.
+    q_sum = jnp.sum(q.astype(jnp.float32), axis=1) if kv_format == "int4" else None
 
-    def attend(k_ref, v_ref):
+    def page(ref, page_id):
+        """One page of a pool ref as q's dtype [S, Dp]: int4 bytes unpacked (channel 2i from
+        the low nibble, 2i + 1 from the high one, interleaved in registers)."""
+        x = ref[head, page_id]
+        if kv_format == "int4":
+            x = jnp.stack([x & 0xF, x >> 4], axis=-1).reshape(page_size, d_pad)
+        return x.astype(q.dtype)
+
+    def attend(*pool):
+        k_ref, v_ref = pool[:2]
+
         def body(i, carry):
             """Online-softmax update with the keys lo <= o < hi of page pages[i] (hi <= lo:
             none, and the update adds exactly zero)."""
             acc, m_prev, l_prev = carry
-            page, lo, hi = pages_ref[i], lo_ref[i], hi_ref[i]
+            page_id, lo, hi = pages_ref[i], lo_ref[i], hi_ref[i]
             visible = (offsets >= lo) & (offsets < hi)  # [Gp, S]
-            k = k_ref[head, page]  # [S, Dp]
+            k = page(k_ref, page_id)  # [S, Dp]
             # [Gp, Dp] x [S, Dp] -> [Gp, S], logits in base 2.
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * (sm_scale * _LOG2E)
-            s = jnp.where(visible, s, _MASK_VALUE)
+                                preferred_element_type=jnp.float32)
+            if kv_format == "int4":  # key = q4 * scale + zero, per token
+                k_scale = pool[2][head, page_id, :, 0].astype(jnp.float32)  # [S]
+                k_zero = pool[2][head, page_id, :, 1].astype(jnp.float32)
+                s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+            s = jnp.where(visible, s * (sm_scale * _LOG2E), _MASK_VALUE)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
             correction = jnp.exp2(m_prev - m_next)
             # Masked keys add exactly 0, also for an entry with no visible key (then m_next may
             # be the mask value, and the next real key's correction zeroes it).
             p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
             l_next = correction * l_prev + jnp.sum(p, axis=1)
-            v = v_ref[head, page]  # [S, Dp]
+            v = page(v_ref, page_id)  # [S, Dp]
             # Slots outside [lo, hi) may hold anything (a freed page's stale or non-finite
             # values): zero them, since a zero weight times NaN is NaN.
             slot = lax.broadcasted_iota(jnp.int32, v.shape, 0)
             v = jnp.where((slot >= lo) & (slot < hi), v, jnp.zeros_like(v))
+            if kv_format == "int4":  # value = q4 * scale + zero, per token
+                token = lax.broadcasted_iota(jnp.int32, (page_size,), 0)
+                seen = (token >= lo) & (token < hi)
+                v_scale = jnp.where(seen, pool[3][head, page_id, :, 0].astype(jnp.float32), 0.0)
+                v_zero = jnp.where(seen, pool[3][head, page_id, :, 1].astype(jnp.float32), 0.0)
+                zero_part = jnp.sum(p * v_zero[None, :], axis=1)  # [Gp]
+                p = p * v_scale[None, :]
             # [Gp, S] x [S, Dp] -> [Gp, Dp]
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  precision=precision, preferred_element_type=jnp.float32)
+            if kv_format == "int4":
+                pv = pv + zero_part[:, None]
             return correction[:, None] * acc + pv, m_next, l_next
 
         carry = (jnp.zeros(q.shape, jnp.float32),
@@ -156,8 +197,8 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
     else:
         # One branch per program, around the whole loop (not per entry): each branch is an
         # ordinary pipelined loop over its pool.
-        acc, m, l = lax.cond(source_ref[0] == 0, lambda: attend(*pool_refs[:2]),
-                             lambda: attend(*pool_refs[2:]))
+        acc, m, l = lax.cond(source_ref[0] == 0, lambda: attend(*pool_refs[:refs_per_pool]),
+                             lambda: attend(*pool_refs[refs_per_pool:]))
     row_ok = lax.broadcasted_iota(jnp.int32, (rows_pad,), 0) < rows
     col_ok = lax.broadcasted_iota(jnp.int32, (rows_pad, d_pad), 1) < d
     plgpu.store(o_ref, acc, mask=row_ok[:, None] & col_ok)
@@ -166,9 +207,10 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
     plgpu.store(l_ref, l, mask=row_ok)
 
 
-def _pallas_decode(q, pools, pages, lo, hi, counts, sources, *, rows, d, sm_scale, num_splits,
-                   num_warps, num_stages, interpret):
-    """Grid and BlockSpecs. q [B, H, Gp, Dp]; pools: tuple of (k, v) [Hpool, P, S, Dp];
+def _pallas_decode(q, pools, pages, lo, hi, counts, sources, *, rows, d, sm_scale, kv_format,
+                   num_splits, num_warps, num_stages, interpret):
+    """Grid and BlockSpecs. q [B, H, Gp, Dp]; pools: tuple of (k, v) [Hpool, P, S, Dp]
+    (int4: (k, v, k_meta, v_meta), see `_kernel`);
     pages, lo, hi [B, H, K] int32; counts [B, H] int32; sources [H, 2] int32. Returns the
     split partials o [B, H, splits, Gp, Dp], m and l [B, H, splits, Gp], all f32, valid in
     rows < `rows` and columns < `d`."""
@@ -179,7 +221,7 @@ def _pallas_decode(q, pools, pages, lo, hi, counts, sources, *, rows, d, sm_scal
     pool_specs = [pl.BlockSpec(x.shape, lambda b, h, s: (0, 0, 0, 0))
                   for pool in pools for x in pool]
     kernel = functools.partial(_kernel, sm_scale=sm_scale, num_pools=len(pools),
-                               num_splits=num_splits, rows=rows, d=d)
+                               kv_format=kv_format, num_splits=num_splits, rows=rows, d=d)
     split_shape = (batch, num_lists, num_splits, rows_pad)
     return pl.pallas_call(
         kernel,
@@ -259,12 +301,8 @@ def gather_pages(pool, heads, pages):
 
 def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None, *,
                                       sources, sm_scale=None):
-    """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention`, and a
-    pool may also be quantized (pallas_kernels/quant.py, models/kv_cache.py): int8 pages
-    (k_pages, v_pages, k_scale, v_scale) read as value * scale, scales [Hpool, D] per head and
-    channel; int4 pages (k_pages, v_pages, k_meta, v_meta, k_smooth, v_smooth), packed
-    [Hpool, P, S, D / 2] uint8 with a (scale, zero) pair [Hpool, P, S, 2] per token, read as
-    (q * scale + zero) * smooth, smooth [Hpool, D].
+    """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention` (float,
+    int8 and int4 pools); quantized pages are dequantized to f32 after the gather.
 
     For each pool, one gather of the pages its lists name ([B, Hlists, K, S, D], the keys
     actually attended) and a masked f32 softmax over all K * S slots; no loop over B or K.
@@ -320,6 +358,19 @@ def _one_pool_sources(num_lists: int, num_kv_heads: int) -> tuple[tuple[int, int
     return tuple((0, h // group) for h in range(num_lists))
 
 
+KV_FORMATS = {2: "float", 4: "int8", 6: "int4"}  # by the length of a pool tuple
+
+
+def _kv_format(pools) -> str:
+    """"float", "int8" or "int4": what every pool holds (one format per call)."""
+    formats = {KV_FORMATS.get(len(pool)) for pool in pools}
+    if None in formats or len(formats) != 1:
+        raise ValueError("every pool must be (k, v) float pages, (k, v, k_scale, v_scale) int8 "
+                         "pages or (k, v, k_meta, v_meta, k_smooth, v_smooth) int4 pages, all "
+                         f"of one kind; got tuples of lengths {[len(p) for p in pools]}")
+    return formats.pop()
+
+
 def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
     if impl not in ("pallas", "xla"):
         raise ValueError(f"{impl=} must be 'pallas' or 'xla'")
@@ -327,20 +378,41 @@ def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
         raise ValueError(f"q must be [B, H, G, D]; got {q.shape=}")
     if not 1 <= len(pools) <= 2:
         raise ValueError(f"one or two pools are supported; got {len(pools)}")
+    kv_format = _kv_format(pools)
     batch, num_lists, _, d = q.shape
+    if jnp.dtype(q.dtype) not in _DTYPES:
+        raise ValueError(f"q must be one of float32/bfloat16/float16 (and share one of them with "
+                         f"float pools); got {q.dtype=}")
     page_size = pools[0][0].shape[2] if pools[0][0].ndim == 4 else None
-    for k_pages, v_pages in pools:
+    for pool in pools:
+        k_pages, v_pages = pool[:2]
         if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
             raise ValueError(f"k_pages and v_pages must both be [Hkv, P, S, D]; got "
                              f"{k_pages.shape=} {v_pages.shape=}")
-        if k_pages.shape[3] != d:
-            raise ValueError(f"head_dim of the pools ({k_pages.shape[3]}) must equal q's ({d}): "
+        width = d // 2 if kv_format == "int4" else d
+        if kv_format == "int4" and d % 2:
+            raise ValueError(f"int4 pages pack two channels a byte: head_dim {d} must be even")
+        if k_pages.shape[3] != width:
+            raise ValueError(f"head_dim of the pools ({k_pages.shape[3]}"
+                             f"{' bytes' if kv_format == 'int4' else ''}) must match q's ({d}): "
                              f"{q.shape=} {k_pages.shape=}")
         if k_pages.shape[2] != page_size:
             raise ValueError(f"all pools must share one page size; got {k_pages.shape=}")
-        if not (q.dtype == k_pages.dtype == v_pages.dtype) or jnp.dtype(q.dtype) not in _DTYPES:
-            raise ValueError(f"q, k_pages, v_pages must share one of float32/bfloat16/float16; "
-                             f"got {q.dtype=} {k_pages.dtype=} {v_pages.dtype=}")
+        want = {"float": q.dtype, "int8": jnp.int8, "int4": jnp.uint8}[kv_format]
+        if not (k_pages.dtype == v_pages.dtype == want):
+            raise ValueError(f"q, k_pages, v_pages must share one of float32/bfloat16/float16 "
+                             f"({kv_format} pages: {jnp.dtype(want).name}); got {q.dtype=} "
+                             f"{k_pages.dtype=} {v_pages.dtype=}")
+        hpool = k_pages.shape[0]
+        if kv_format == "int4":
+            for meta in pool[2:4]:
+                if meta.shape != k_pages.shape[:3] + (2,):
+                    raise ValueError(f"int4 (scale, zero) pairs must be {k_pages.shape[:3] + (2,)}"
+                                     f" [Hpool, P, S, 2]; got {meta.shape}")
+        for factor in pool[2:4] if kv_format == "int8" else pool[4:6]:
+            if factor.shape != (hpool, d):
+                raise ValueError(f"{kv_format} per-channel factors must be [Hpool={hpool}, "
+                                 f"D={d}]; got {factor.shape}")
     if len(sources) != num_lists:
         raise ValueError(f"sources names {len(sources)} lists, q has H={num_lists}")
     for h, (pool, head) in enumerate(sources):
@@ -358,13 +430,22 @@ def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
                          f"{num_entries.shape=} {num_entries.dtype=}")
     if impl == "pallas" and (page_size < 16 or page_size & (page_size - 1)):
         raise ValueError(f"{page_size=} must be a power of two >= 16 for the Pallas kernel")
-    for k_pages, _ in pools:
-        if impl == "pallas" and k_pages.size >= 2**31:
+    for pool in pools:
+        if impl == "pallas" and pool[0].size >= 2**31:
             # The kernel addresses a pool with int32 element offsets.
-            raise ValueError(f"a pool of {k_pages.size} elements ({k_pages.shape=}) is too large "
-                             f"for the Pallas kernel's int32 offsets (< 2**31): split the batch")
+            raise ValueError(f"a pool of {pool[0].size} elements ({pool[0].shape=}) is too "
+                             f"large for the Pallas kernel's int32 offsets (< 2**31): split "
+                             f"the batch")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"{num_splits=} must be >= 1")
+    return kv_format
+
+
+def _per_list(pools, sources, index):
+    """Row `index` of each list's pool tuple at its KV head: [H, D] per-channel factors."""
+    base = np.cumsum([0] + [pool[index].shape[0] for pool in pools])
+    rows = np.array([base[p] + head for p, head in sources], np.int32)
+    return jnp.concatenate([pool[index] for pool in pools]).astype(jnp.float32)[rows]
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -377,8 +458,14 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
 
     Args:
       q: [B, H, G, D] float32, bfloat16 or float16. H page lists, G query rows sharing each list.
-      pools: one or two (k_pages, v_pages) pairs, each [Hpool, P, S, D] in q's dtype (pools may
-        differ in Hpool and P, not in S or D). Page 0 of each pool is its null page.
+      pools: one or two pool tuples of one kind (pools may differ in Hpool and P, not in S or
+        D). Page 0 of each pool is its null page. Float pages: (k_pages, v_pages), each
+        [Hpool, P, S, D] in q's dtype. int8 pages (pallas_kernels/quant.py): (k_pages, v_pages,
+        k_scale, v_scale), pages int8 [Hpool, P, S, D], static scales [Hpool, D] per (head,
+        channel), read as page * scale. int4 pages: (k_pages, v_pages, k_meta, v_meta,
+        k_smooth, v_smooth), pages uint8 [Hpool, P, S, D / 2] (two channels a byte, low
+        nibble first), a (scale, zero) pair per token [Hpool, P, S, 2], smoothing factors
+        [Hpool, D], read as (nibble * scale + zero) * smooth.
       pages: [B, H, K] int32 physical page ids of the list's pool, any order (keep unused entries
         on the null page: interpret mode and the reference clamp out-of-range ids, a GPU would
         read out of bounds).
@@ -399,13 +486,7 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
       0 for a list with no key.
     """
     pools = tuple(tuple(pool) for pool in pools)
-    if any(len(pool) != 2 for pool in pools):
-        if impl != "xla":
-            raise NotImplementedError("int8 pages (a pool with scales) are read by the XLA "
-                                      "path only so far (impl='xla')")
-        return pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries,
-                                                 sources=sources, sm_scale=sm_scale)
-    _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits)
+    kv_format = _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits)
     batch, num_lists, rows, d = q.shape
     page_size = pools[0][0].shape[2]
     capacity = pages.shape[2]
@@ -423,6 +504,16 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
     num_entries = jnp.clip(num_entries, 0, capacity)
     # In [0, S], so an entry with lo < hi has at least one visible key.
     lo, hi = jnp.clip(lo, 0, page_size), jnp.clip(hi, 0, page_size)
+    out_dtype = q.dtype
+    v_factor = None
+    if kv_format != "float":
+        # Static per-channel factors (int8 scales, int4 smoothing) leave the page loop: a key
+        # factor scales q (q . (k * f) = (q * f) . k), a value factor the output.
+        first = 2 if kv_format == "int8" else 4
+        k_factor = _per_list(pools, sources, first)  # [H, D]
+        v_factor = _per_list(pools, sources, first + 1)
+        q = (q.astype(jnp.float32) * k_factor[None, :, None, :]).astype(q.dtype)
+        pools = tuple(pool[:4] if kv_format == "int4" else pool[:2] for pool in pools)
     # Zero rows and columns leave q.k unchanged; padded rows and columns are never stored.
     rows_pad, d_pad = _padded_size(rows), _padded_size(d)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows_pad - rows), (0, d_pad - d)))
@@ -430,14 +521,18 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
         # Cost: this copies whole pools (read + write) on every call, more than the attention
         # itself reads. Fine for tests and odd head dims; a model with such a head dim should
         # allocate its pools at Dp instead.
-        pad = ((0, 0), (0, 0), (0, 0), (0, d_pad - d))
-        pools = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in pools)
+        width = d_pad // 2 if kv_format == "int4" else d_pad
+        pad = ((0, 0), (0, 0), (0, 0), (0, width - pools[0][0].shape[3]))
+        pools = tuple((jnp.pad(pool[0], pad), jnp.pad(pool[1], pad)) + pool[2:]
+                      for pool in pools)
     o, m, l = _pallas_decode(
         q, pools, pages, lo, hi, num_entries, jnp.asarray(np.array(sources, np.int32)),
-        rows=rows, d=d, sm_scale=sm_scale, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret)
+        rows=rows, d=d, sm_scale=sm_scale, kv_format=kv_format, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     out = _merge_splits(o[..., :rows, :d], m[..., :rows], l[..., :rows])
-    return out.astype(q.dtype)
+    if v_factor is not None:
+        out = out * v_factor[None, :, None, :]
+    return out.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=(

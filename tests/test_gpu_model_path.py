@@ -70,3 +70,15 @@ def test_pallas_greedy_tokens_equal_xla(checkpoint, attention):
     _, got = _greedy(ckpt, "pallas", attention, **knobs)
     assert all(len(ids) == NEW_TOKENS for ids in expected)
     assert got == expected
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_pallas_reads_quantized_pages(checkpoint, kv_cache_dtype):
+    """LServe on an int8 / int4 KV cache: the decode kernel, dequantizing pages in registers,
+    generates the XLA path's greedy tokens (which dequantizes after its gather)."""
+    ckpt, pattern = checkpoint
+    knobs = dict(KNOBS, head_pattern=str(pattern), kv_cache_dtype=kv_cache_dtype)
+    llm, expected = _greedy(ckpt, "xla", "lserve", **knobs)
+    assert llm.engine.cache.kv_cache_dtype == kv_cache_dtype
+    _, got = _greedy(ckpt, "pallas", "lserve", **knobs)
+    assert got == expected

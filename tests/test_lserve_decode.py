@@ -194,6 +194,25 @@ def test_small_budget_logits_match_decode_reference(params):
     assert (xla != dense).any()  # the sparsity is real on this random model
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_quantized_cache_kernel_equals_reference(params, kv_cache_dtype):
+    """On an int8 / int4 cache (both pools quantized), greedy LServe decode through the Pallas
+    kernel in interpret mode (pages dequantized in registers) generates the XLA path's tokens
+    (pages dequantized after the gather), through selection, ring wraparound and reuse."""
+    prompts = _prompts(3, (70, 30))
+    sparsity = SparsityConfig(page_size=16, logical_page_size=4, ctx_sink_tokens=16,
+                              ctx_local_tokens=32, dec_sink_tokens=16, dec_local_tokens=32,
+                              token_budget=48, selector_interval=2)
+    kw = dict(mode="lserve", streaming_heads=MIXED, sparsity=sparsity)
+    quantized = dict(kv_cache_dtype=kv_cache_dtype, kv_scales=((0.05, 0.04), (0.06, 0.05)))
+    xla, state = _generate(params, AttentionConfig(**kw), prompts, 12, t=96,
+                           spec_overrides=quantized)
+    assert state.cache.kv_cache_dtype == kv_cache_dtype
+    pallas, _ = _generate(params, AttentionConfig(impl="pallas", interpret=True, **kw), prompts,
+                          12, t=96, spec_overrides=quantized)
+    np.testing.assert_array_equal(pallas, xla)
+
+
 def test_selection_is_reused_between_intervals(params):
     """The stored selection changes only on a row's reselection steps: its clock hits a multiple
     of `selector_interval`, or it started a new page."""

@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_close, lower_for_cuda
 
 from pallas_kernels import (
+    quant,
     default_num_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -95,6 +96,30 @@ def poison_invisible(case):
 reference = jax.jit(paged_decode_attention_reference, static_argnames=("sm_scale",))
 
 
+def quantize_pools(k_pages, v_pages, kv_format, seed=0):
+    """Float pools as an int8 or int4 pool tuple (the formats of `pooled_decode_attention`),
+    with random per-(head, channel) factors: int8 scales, int4 smoothing factors."""
+    rng = np.random.default_rng(seed)
+    heads, d = k_pages.shape[0], k_pages.shape[3]
+    if kv_format == "int8":  # about 4 standard deviations of N(0, 1) at 127 (some clip)
+        ks, vs = (jnp.asarray(rng.uniform(0.02, 0.04, (heads, d)), jnp.float32) for _ in "kv")
+        return (quant.quantize_int8(k_pages, ks[:, None, None]),
+                quant.quantize_int8(v_pages, vs[:, None, None]), ks, vs)
+    ks, vs = (jnp.asarray(rng.uniform(0.5, 2.0, (heads, d)), jnp.float32) for _ in "kv")
+    kp, ka, kz = quant.quantize_int4(k_pages.astype(jnp.float32) / ks[:, None, None])
+    vp, va, vz = quant.quantize_int4(v_pages.astype(jnp.float32) / vs[:, None, None])
+    return kp, vp, jnp.stack([ka, kz], -1), jnp.stack([va, vz], -1), ks, vs
+
+
+def dequantize_pools(pool):
+    """The float (k, v) pools a quantized pool tuple stands for (f32)."""
+    if len(pool) == 4:
+        return tuple(quant.dequantize_int8(x, f[:, None, None]) for x, f in
+                     ((pool[0], pool[2]), (pool[1], pool[3])))
+    return tuple(quant.dequantize_int4(x, m[..., 0], m[..., 1]) * f[:, None, None]
+                 for x, m, f in ((pool[0], pool[2], pool[4]), (pool[1], pool[3], pool[5])))
+
+
 # --- the XLA reference against brute force -------------------------------------------------------
 
 @pytest.mark.parametrize("group,per_query_head,page_size,head_dim", [
@@ -108,6 +133,16 @@ def test_reference_matches_brute_force(group, per_query_head, page_size, head_di
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, brute_force(*case), jnp.float32)
     assert_close(reference(*case, sm_scale=0.3), brute_force(*case, sm_scale=0.3), jnp.float32)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_reference_reads_quantized_pages(kv_format):
+    """The XLA path over int8 / int4 pages equals brute force over their dequantized values."""
+    q, k, v, pages, lo, hi = make_case(15, batch=3, group=2, head_dim=16, page_size=8)
+    pool = quantize_pools(k, v, kv_format)
+    sources = tuple((0, h) for h in range(q.shape[1]))  # one list per KV head
+    out = pooled_decode_attention(q, (pool,), pages, lo, hi, sources=sources, impl="xla")
+    assert_close(out, brute_force(q, *dequantize_pools(pool), pages, lo, hi), jnp.float32)
 
 
 def test_reference_ignores_nan_in_slots_no_list_sees():
@@ -284,6 +319,58 @@ class TestKernel:
         self.check(case, jnp.float32, num_splits=16, sm_scale=0.2)
 
 
+    @pytest.mark.parametrize("kv_format", ["int8", "int4"])
+    @pytest.mark.parametrize("group,per_query_head,head_dim,num_splits,dtype", [
+        (4, False, 64, 2, jnp.float32),
+        (2, True, 8, None, jnp.float32),  # head_dim padded in the kernel (int4: 4 -> 8 bytes)
+        (4, False, 128, 3, jnp.bfloat16),
+    ])
+    def test_quantized_pages_match_reference(self, kv_format, group, per_query_head, head_dim,
+                                             num_splits, dtype):
+        """int8 / int4 pages dequantized in registers equal the reference, which dequantizes
+        after its gather; shuffled ragged lists, ring-style entries, an all-padding list."""
+        q, k, v, pages, lo, hi = make_case(50 + group, batch=self.batch, group=group,
+                                           per_query_head=per_query_head, head_dim=head_dim,
+                                           num_entries=self.num_entries, dtype=dtype)
+        pool = quantize_pools(k, v, kv_format)
+        sources = tuple((0, h // (q.shape[1] // 2)) for h in range(q.shape[1]))
+        run = lambda impl: pooled_decode_attention(  # noqa: E731
+            q, (pool,), pages, lo, hi, sources=sources, impl=impl, interpret=self.interpret,
+            num_splits=num_splits)
+        out = run("pallas")
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        assert_close(out, run("xla"), dtype)
+        np.testing.assert_array_equal(np.asarray(out[self.batch - 1, 0], np.float32), 0.0)
+
+    @pytest.mark.parametrize("kv_format", ["int8", "int4"])
+    def test_quantized_two_pools_and_poisoned_scales(self, kv_format):
+        """Dense and streaming lists over quantized pools in one launch; int4 (scale, zero)
+        pairs of slots no list sees hold NaN (a freed page's leftovers) and change nothing."""
+        q, pools, pages, lo, hi, n, sources, _ = two_pool_case(35, batch=self.batch)
+        pools = tuple(quantize_pools(k, v, kv_format, seed=i) for i, (k, v) in enumerate(pools))
+        want = pooled_decode_attention(q, pools, pages, lo, hi, n, sources=sources, impl="xla")
+        if kv_format == "int4":
+            poisoned = []
+            for p, pool in enumerate(pools):
+                seen = np.zeros(pool[0].shape[1:3], bool)  # [P, S]
+                live = np.arange(7)[None, None] < np.asarray(n)[..., None]
+                for h, (src, _) in enumerate(sources):
+                    if src != p:
+                        continue
+                    for pg, a, z, ok in zip(*(np.asarray(x)[:, h].ravel()
+                                               for x in (pages, lo, hi, live))):
+                        seen[pg, a:max(a, z)] |= bool(ok)
+                nan = lambda m: jnp.where(  # noqa: E731
+                    jnp.asarray(seen)[None, :, :, None], m, jnp.nan).astype(m.dtype)
+                poisoned.append(pool[:2] + (nan(pool[2]), nan(pool[3])) + pool[4:])
+            pools = tuple(poisoned)
+        out = pooled_decode_attention(q, pools, pages, lo, hi, n, sources=sources,
+                                      impl="pallas", interpret=self.interpret, num_splits=2)
+        assert np.isfinite(np.asarray(out)).all()
+        assert_close(out, want, jnp.float32)
+
+
 @pytest.mark.gpu
 class TestKernelGpu(TestKernel):
     """The same checks natively on the GPU, plus a long bf16 list with the default splits."""
@@ -309,10 +396,18 @@ def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
     ints = jax.ShapeDtypeStruct((2, 8, 7), jnp.int32)
     counts = jax.ShapeDtypeStruct((2, 8), jnp.int32)
     sources = tuple((h % 2, h // 2 % 2) for h in range(8))
+    factor = lambda h: jax.ShapeDtypeStruct((h, head_dim), jnp.float32)  # noqa: E731
+    int8 = lambda h, p: (jax.ShapeDtypeStruct((h, p, 64, head_dim), jnp.int8),) * 2 + (  # noqa
+        factor(h),) * 2
+    int4 = lambda h, p: (jax.ShapeDtypeStruct((h, p, 64, head_dim // 2), jnp.uint8),) * 2 + (
+        jax.ShapeDtypeStruct((h, p, 64, 2), jnp.float16),) * 2 + (factor(h),) * 2  # noqa
     for traced in (
         paged_decode_attention.trace(q, pool, pool, ints, ints, ints, num_splits=num_splits),
         pooled_decode_attention.trace(q, ((pool, pool), (stream, stream)), ints, ints, ints,
                                       counts, sources=sources, num_splits=num_splits),
+        *(pooled_decode_attention.trace(q, (kind(4, 100), kind(2, 15)), ints, ints, ints,
+                                        counts, sources=sources, num_splits=num_splits)
+          for kind in (int8, int4)),
     ):
         assert "triton" in lower_for_cuda(traced)
 
@@ -343,6 +438,36 @@ def test_bad_arguments(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         paged_decode_attention(**args)
+
+
+@pytest.mark.parametrize("kv_format,change,match", [
+    ("int8", dict(length=3), "all of one kind"),
+    ("int8", dict(mixed=True), "all of one kind"),
+    ("int8", dict(index=0, dtype=jnp.uint8), "int8"),
+    ("int8", dict(index=2, shape=(2, 8)), "factors"),
+    ("int4", dict(index=2, shape=(2, 5, 16, 3)), "scale, zero"),
+    ("int4", dict(index=5, shape=(2, 15)), "factors"),
+    ("int4", dict(odd=True), "even"),
+])
+def test_bad_quantized_pools(kv_format, change, match):
+    q, k, v, pages, lo, hi = make_case(16, head_dim=16, num_entries=3, num_kv_heads=2, group=2)
+    pool = list(quantize_pools(k, v, kv_format))
+    pools = [tuple(pool)]
+    if "length" in change:
+        pools = [tuple(pool[:change["length"]])]
+    elif change.get("mixed"):
+        pools = [tuple(pool), (k, v)]
+    elif change.get("odd"):
+        q = jnp.zeros(q.shape[:3] + (15,))
+    else:
+        x = pool[change["index"]]
+        pool[change["index"]] = jnp.zeros(change.get("shape", x.shape),
+                                          change.get("dtype", x.dtype))
+        pools = [tuple(pool)]
+    sources = tuple((0, h) for h in range(q.shape[1]))
+    with pytest.raises(ValueError, match=match):
+        pooled_decode_attention(q, tuple(pools), pages, lo, hi, sources=sources,
+                                interpret=True)
 
 
 def test_xla_impl_accepts_any_page_size():
