@@ -48,8 +48,9 @@ attention `models.attention.attend_layer`: write the new token's K/V (it rewrite
 token in place, so the context and the work stay the same from call to call; LServe also folds
 the key into its logical page's max/min), then for LServe `select_pages_for_step`, then
 `decode_attention`. A slot set's selection is recomputed on its visits whose count is a
-multiple of the interval and reused otherwise, as `llama.decode` does. The write is cheap (one token), but it makes every step read a
-cache the previous step wrote, so XLA can neither merge nor hoist the page gathers of the steps.
+multiple of the interval and reused otherwise, as `llama.decode` does. The write is cheap (one
+token), but it makes every step read a cache the previous step wrote, so XLA can neither merge
+nor hoist the page gathers of the steps.
 Reported: median over calls / steps, which includes one loop iteration per layer step (the model
 pays one per token for all its layers).
 
@@ -200,7 +201,7 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     key = jax.random.key(seed)
     for layer in range(config.num_layers):
         key, kk, kv, ks, ksv = jax.random.split(key, 5)
-        shape = lambda pool: pool[layer].shape[:3] + (HEAD_DIM,)  # noqa: E731
+        shape = lambda pool: pool[layer].shape[:3] + (config.head_dim,)  # noqa: E731
         k = jax.random.normal(kk, shape(cache.k), dtype)
         arrays = dict(_stored("k", k, kv_cache_dtype),
                       **_stored("v", jax.random.normal(kv, shape(cache.v), dtype), kv_cache_dtype))
@@ -262,10 +263,10 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
     return jax.lax.fori_loop(0, qs.shape[0], step, (cache, jnp.zeros(qs.shape[1:], jnp.float32)))
 
 
-def token_bytes(kv_cache_dtype: str, itemsize: int) -> int:
+def token_bytes(kv_cache_dtype: str, itemsize: int, head_dim: int = HEAD_DIM) -> int:
     """K and V bytes of one token of one KV head (int4: with its scale and zero point)."""
-    return {"int8": 2 * HEAD_DIM, "int4": 2 * (HEAD_DIM // 2 + 4)}.get(
-        kv_cache_dtype, 2 * HEAD_DIM * itemsize)
+    return {"int8": 2 * head_dim, "int4": 2 * (head_dim // 2 + 4)}.get(
+        kv_cache_dtype, 2 * head_dim * itemsize)
 
 
 def step_bytes(*, batch, context, attention, itemsize, num_streaming,

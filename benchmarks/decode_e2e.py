@@ -2,6 +2,7 @@
 
     python benchmarks/decode_e2e.py [--out PATH.jsonl] [--plot PATH.png] [--contexts 32768 ...]
                                     [--modes dense lserve] [--small]
+                                    [--kv-cache-dtypes auto int8 int4] [--weight-dtypes auto int8]
 
 GPU: a Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV heads, D=128,
 intermediate 14336, vocab 128256) with random bf16 weights, batch 1, contexts 32K..256K, our
@@ -21,6 +22,13 @@ context grows by one token per step (by less than 1% over a run). The 32 layers'
 distinct memory, so consecutive steps do not find each other's pages in L2. --modes sets which
 modes run and in which order (default dense, then LServe); whichever of the two runs second
 carries the speed-up (`speedup_vs_dense` on LServe, `lserve_speedup_vs_dense` on dense).
+
+Quantization: every (weight dtype, KV cache dtype) pair of --weight-dtypes x --kv-cache-dtypes
+(default auto x auto) runs every mode. int8 weights (models/weight_quant.py: every layer's
+linear weights per output channel; embedding and LM head in the model dtype) have their own
+weight floor; int8 / int4 KV pages (pallas_kernels/quant.py) shrink the KV bytes. A record's
+`speedup_vs_auto` is over the same mode with float weights and KV in this run; the speed-up
+over dense pairs records of one (weight, KV) pair.
 
 Timing: one call compiles and warms up, then blocks of 8 steps (two selection periods) are timed
 from the first dispatch to the last step's result; ms per token = median over blocks / 8.
@@ -61,6 +69,7 @@ from benchmarks.decode_attention import (  # noqa: E402
     knob_fields,
     random_cache,
     shipped_attention,
+    token_bytes,
 )
 from benchmarks.provenance import copy_bandwidth, device_slug, emit, git_commit  # noqa: E402
 from lserve_jax.head_pattern import num_streaming_heads  # noqa: E402
@@ -68,6 +77,8 @@ from models import llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 from models.params import init_params  # noqa: E402
+from models.weight_quant import WEIGHT_DTYPES, quantize_params, weight_bytes  # noqa: E402
+from pallas_kernels.quant import KV_CACHE_DTYPES  # noqa: E402
 
 LLAMA3_8B = dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                  intermediate_size=14336, vocab_size=128256)
@@ -81,7 +92,8 @@ MAX_BLOCKS = {True: 10, False: 3}  # timed blocks, by on_gpu (fewer when over th
 TIME_BUDGET_S = {True: 2.0, False: 1.0}
 MEMORY_CAP_BYTES = 70 * 2**30
 # Targets on an H200 at 256K for LServe (shipped knobs): at most 1.3x the weight floor and at
-# least 2.5x faster than dense.
+# least 2.5x faster than dense; with int8 weights and int8 KV, at most 1.3x its own (int8)
+# weight floor.
 TARGET_OVER_FLOOR, TARGET_SPEEDUP, TARGET_CONTEXT = 1.3, 2.5, 262144
 
 
@@ -94,9 +106,9 @@ def streaming_pattern(config: LlamaConfig) -> tuple[tuple[bool, ...], ...]:
 
 
 def kv_bytes_per_token(config: LlamaConfig, attention: AttentionConfig, context: int,
-                       itemsize: int) -> float:
+                       itemsize: int, kv_cache_dtype: str = "auto") -> float:
     """KV (and key-statistics) bytes one decode step reads over all layers, batch 1."""
-    per_token = 2 * config.head_dim * itemsize  # K and V of one head
+    per_token = token_bytes(kv_cache_dtype, itemsize, config.head_dim)  # K and V of one head
     if attention.mode == "dense":
         return config.num_layers * config.num_kv_heads * context * per_token
     s = attention.sparsity
@@ -115,11 +127,11 @@ def kv_bytes_per_token(config: LlamaConfig, attention: AttentionConfig, context:
 
 
 def cache_bytes(config: LlamaConfig, attention: AttentionConfig, capacity: int,
-                itemsize: int) -> int:
+                itemsize: int, kv_cache_dtype: str = "auto") -> int:
     """Device memory of a mode's dense pools and key statistics (streaming pages left out)."""
     heads = sum(config.num_kv_heads - sum(attention.layer_streaming(layer, config.num_kv_heads))
                 for layer in range(config.num_layers))
-    kv = heads * capacity * 2 * config.head_dim * itemsize
+    kv = heads * capacity * token_bytes(kv_cache_dtype, itemsize, config.head_dim)
     stats = heads * (capacity // LOGICAL_PAGE_SIZE) * config.head_dim * itemsize * 2
     return kv + (stats if attention.mode == "lserve" else 0)
 
@@ -149,9 +161,10 @@ def time_decode(params, cache, config, attention, on_gpu):
     return 1e3 * statistics.median(times) / STEPS_PER_BLOCK, compile_s, len(times)
 
 
-def run_context(context, modes, params, config, on_gpu, meta):
-    """Time each mode at one context, in the order of `modes`; yields one record per mode as
-    soon as it is measured."""
+def run_context(context, modes, weights, kv_dtypes, config, on_gpu, meta):
+    """Time each mode at one context, in the order of `modes`, for every (weight dtype, KV
+    cache dtype) pair; `weights` maps a weight dtype to (params, its meta: weight bytes and
+    floor). Yields one record per measurement as soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
     impl = "pallas" if on_gpu else "xla"
@@ -161,45 +174,64 @@ def run_context(context, modes, params, config, on_gpu, meta):
     fraction = num_streaming_heads(SPARSITY.static_sparsity, num_kv) / num_kv
     # Room for the warm-up step and every timed block.
     capacity = context + STEPS_PER_BLOCK * MAX_BLOCKS[on_gpu] + 1
-    measured = {}
-    for mode in modes:
-        attention = attentions[mode]
-        rec = dict(meta, context=context, mode=mode, impl=impl, batch=1,
-                   steps_per_block=STEPS_PER_BLOCK, **knob_fields(attention, fraction))
-        need = cache_bytes(config, attention, capacity, itemsize)
-        if need + meta["weight_bytes"] > MEMORY_CAP_BYTES:
-            yield dict(rec, status="skipped", error=f"cache needs {need / 2**30:.0f} GiB")
-            continue
-        try:
-            cache = random_cache(config, attention, batch=1, context=context, capacity=capacity,
-                                 dtype=dtype, seed=context)
-            ms, compile_s, blocks = time_decode(params, cache, config, attention, on_gpu)
-            del cache
-        except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs, go on
-            status = "skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e) else "failed"
-            yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-            continue
-        kv = kv_bytes_per_token(config, attention, context, itemsize)
-        total = meta["weight_bytes"] + kv
-        roofline = total / meta["copy_gbps"] / 1e6
-        rec.update(status="ok", ms_per_token=round(ms, 3), tokens_per_s=round(1e3 / ms, 2),
-                   compile_s=round(compile_s, 1), timed_blocks=blocks,
-                   kv_bytes_per_token=int(kv), achieved_gbps=round(total / ms / 1e6, 2),
-                   fraction_of_copy_bw=round(total / ms / 1e6 / meta["copy_gbps"], 3),
-                   ours_over_floor=round(ms / meta["floor_ms"], 3),
-                   roofline_ms=round(roofline, 3), ours_over_roofline=round(ms / roofline, 3))
-        measured[mode] = ms
-        if len(measured) == 2:
-            key = "speedup_vs_dense" if mode == "lserve" else "lserve_speedup_vs_dense"
-            rec[key] = round(measured["dense"] / measured["lserve"], 3)
-        yield rec
+    float_ms = {}  # mode -> ms with float weights and KV
+    for weight_dtype, (params, wmeta) in weights.items():
+        for kv_dtype in kv_dtypes:
+            measured = {}
+            for mode in modes:
+                attention = attentions[mode]
+                rec = dict(meta, **wmeta, context=context, mode=mode, impl=impl, batch=1,
+                           weight_dtype=weight_dtype, kv_cache_dtype=kv_dtype,
+                           steps_per_block=STEPS_PER_BLOCK, **knob_fields(attention, fraction))
+                need = cache_bytes(config, attention, capacity, itemsize, kv_dtype)
+                if need + wmeta["weight_bytes"] > MEMORY_CAP_BYTES:
+                    yield dict(rec, status="skipped", error=f"cache needs {need / 2**30:.0f} GiB")
+                    continue
+                try:
+                    cache = random_cache(config, attention, batch=1, context=context,
+                                         capacity=capacity, dtype=dtype, seed=context,
+                                         kv_cache_dtype=kv_dtype)
+                    ms, compile_s, blocks = time_decode(params, cache, config, attention, on_gpu)
+                    del cache
+                except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs
+                    status = ("skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e)
+                              else "failed")
+                    yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                kv = kv_bytes_per_token(config, attention, context, itemsize, kv_dtype)
+                total = wmeta["weight_bytes"] + kv
+                roofline = total / meta["copy_gbps"] / 1e6
+                rec.update(status="ok", ms_per_token=round(ms, 3),
+                           tokens_per_s=round(1e3 / ms, 2), compile_s=round(compile_s, 1),
+                           timed_blocks=blocks, kv_bytes_per_token=int(kv),
+                           achieved_gbps=round(total / ms / 1e6, 2),
+                           fraction_of_copy_bw=round(total / ms / 1e6 / meta["copy_gbps"], 3),
+                           ours_over_floor=round(ms / wmeta["floor_ms"], 3),
+                           roofline_ms=round(roofline, 3),
+                           ours_over_roofline=round(ms / roofline, 3))
+                measured[mode] = ms
+                if len(measured) == 2:
+                    key = "speedup_vs_dense" if mode == "lserve" else "lserve_speedup_vs_dense"
+                    rec[key] = round(measured["dense"] / measured["lserve"], 3)
+                if (weight_dtype, kv_dtype) == ("auto", "auto"):
+                    float_ms[mode] = ms
+                elif mode in float_ms:
+                    rec["speedup_vs_auto"] = round(float_ms[mode] / ms, 3)
+                yield rec
+
+
+def label(rec) -> str:
+    quant = "".join(f" {name}{rec.get(key, 'auto')}" for name, key in
+                    (("w", "weight_dtype"), ("kv", "kv_cache_dtype"))
+                    if rec.get(key, "auto") != "auto")
+    return rec["mode"] + quant
 
 
 def print_table(records, on_gpu):
-    print(f"{'context':>7} {'mode':>6} {'ms/token':>9} {'floor ms':>8} {'x floor':>7} "
-          f"{'roofline':>8} {'GB/s':>6} {'of copy':>7} {'lserve speed-up':>15}")
+    print(f"{'context':>7} {'config':>22} {'ms/token':>9} {'floor ms':>8} {'x floor':>7} "
+          f"{'roofline':>8} {'GB/s':>6} {'of copy':>7} {'lserve speed-up':>15} {'vs float':>8}")
     for r in records:
-        head = f"{r['context']:>7} {r['mode']:>6}"
+        head = f"{r['context']:>7} {label(r):>22}"
         if r["status"] != "ok":
             print(f"{head} {r['status']}: {r.get('error', '')[:80]}")
             continue
@@ -207,12 +239,22 @@ def print_table(records, on_gpu):
         print(f"{head} {r['ms_per_token']:>9.2f} {r['floor_ms']:>8.2f} "
               f"{r['ours_over_floor']:>7.2f} {r['roofline_ms']:>8.2f} {r['achieved_gbps']:>6.0f} "
               f"{r['fraction_of_copy_bw']:>7.2f} "
-              + (f"{speedup:>14.2f}x" if speedup is not None else ""))
+              + (f"{speedup:>14.2f}x" if speedup is not None else f"{'':>15}")
+              + (f" {r['speedup_vs_auto']:>7.2f}x" if "speedup_vs_auto" in r else ""))
     if not on_gpu:
         return
     print(f"H200 targets at {TARGET_CONTEXT}: LServe <= {TARGET_OVER_FLOOR}x the weight floor and "
           f">= {TARGET_SPEEDUP}x dense")
-    at = [r for r in records if r["context"] == TARGET_CONTEXT and r["status"] == "ok"]
+    quantized = [r for r in records if r["context"] == TARGET_CONTEXT and r["status"] == "ok"
+                 and r["mode"] == "lserve" and r["weight_dtype"] == "int8"
+                 and r["kv_cache_dtype"] == "int8"]
+    for r in quantized:
+        met = r["ours_over_floor"] <= TARGET_OVER_FLOOR
+        print(f"  LServe, int8 weights and KV: {r['ms_per_token']:.2f} ms, "
+              f"{r['ours_over_floor']:.2f}x its weight floor ({r['floor_ms']:.2f} ms) -> "
+              f"{'met' if met else 'NOT met'}")
+    at = [r for r in records if r["context"] == TARGET_CONTEXT and r["status"] == "ok"
+          and r["weight_dtype"] == "auto" and r["kv_cache_dtype"] == "auto"]
     lserve = next((r for r in at if r["mode"] == "lserve"), None)
     speedup = next((r.get("speedup_vs_dense", r.get("lserve_speedup_vs_dense")) for r in at
                     if "speedup_vs_dense" in r or "lserve_speedup_vs_dense" in r), None)
@@ -232,17 +274,20 @@ def plot(records, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in MODES:
-        ok = sorted((r for r in records if r["mode"] == mode and r["status"] == "ok"),
+    for name in dict.fromkeys(label(r) for r in records):
+        ok = sorted((r for r in records if label(r) == name and r["status"] == "ok"),
                     key=lambda r: r["context"])
         if ok:
             line, = ax.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok],
-                            marker="o", label=mode)
+                            marker="o", label=name)
             ax.plot([r["context"] for r in ok], [r["roofline_ms"] for r in ok], linestyle=":",
-                    color=line.get_color(), label=f"{mode} roofline (weights + KV)")
+                    color=line.get_color(), label=f"{name} roofline (weights + KV)")
     r = records[0]
-    ax.axhline(r["floor_ms"], color="black", linestyle="--",
-               label=f"weight floor {r['floor_ms']:.2f} ms ({r['copy_gbps']:.0f} GB/s copy)")
+    for floor, weights in dict.fromkeys((x["floor_ms"], x.get("weight_dtype", "auto"))
+                                        for x in records):
+        ax.axhline(floor, color="black", linestyle="--" if weights == "auto" else "-.",
+                   label=f"{weights} weight floor {floor:.2f} ms ({r['copy_gbps']:.0f} GB/s "
+                   "copy)")
     ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per token")
     contexts = sorted({r["context"] for r in records})
     ax.set_xticks(contexts, [f"{t // 1024}K" for t in contexts])
@@ -264,6 +309,10 @@ def main():
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="modes to time, in this order")
     parser.add_argument("--small", action="store_true", help="CPU-sized model and contexts")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=KV_CACHE_DTYPES,
+                        default=["auto"], help="KV cache dtypes to time")
+    parser.add_argument("--weight-dtypes", nargs="+", choices=WEIGHT_DTYPES, default=["auto"],
+                        help="weight dtypes to time")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
@@ -284,25 +333,31 @@ def main():
     start = time.perf_counter()
     bandwidth, source, probe = copy_bandwidth(on_gpu and not small)
     params = init_params(config, jax.random.key(0), dtype=dtype)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
-    floor_ms = weight_bytes / bandwidth / 1e6
     model = (f"{config.num_layers}L h{config.hidden_size} {config.num_heads}/"
              f"{config.num_kv_heads} heads D{config.head_dim} i{config.intermediate_size} "
              f"v{config.vocab_size}")
     meta = dict(device=device, backend=jax.default_backend(), jax=jax.__version__,
                 commit=git_commit(), host_cpus=os.cpu_count(), model=model,
-                dtype=jnp.dtype(dtype).name, weight_bytes=weight_bytes,
-                copy_gbps=round(bandwidth, 1), copy_gbps_source=source, copy_probe_bytes=probe,
-                floor_ms=round(floor_ms, 3))
-    print(f"{model}, {jnp.dtype(dtype).name}: {weight_bytes / 2**20:.0f} MiB of weights per "
-          f"token, copy bandwidth {bandwidth:.1f} GB/s ({source}) -> weight-streaming floor "
-          f"{floor_ms:.2f} ms/token")
+                dtype=jnp.dtype(dtype).name, copy_gbps=round(bandwidth, 1),
+                copy_gbps_source=source, copy_probe_bytes=probe)
+    weights = {}  # weight dtype -> (params, weight bytes read per token and their floor)
+    for weight_dtype in dict.fromkeys(["auto", *args.weight_dtypes]):
+        quantized = quantize_params(params, weight_dtype)
+        nbytes = weight_bytes(quantized) - params["embed"].nbytes  # a lookup reads one row
+        floor_ms = nbytes / bandwidth / 1e6
+        weights[weight_dtype] = (quantized, dict(weight_bytes=nbytes, floor_ms=round(floor_ms, 3)))
+        print(f"{model}, {jnp.dtype(dtype).name}, {weight_dtype} weights: "
+              f"{nbytes / 2**20:.0f} MiB of weights per token, copy bandwidth {bandwidth:.1f} "
+              f"GB/s ({source}) -> weight-streaming floor {floor_ms:.2f} ms/token")
+    if "auto" not in args.weight_dtypes:
+        del weights["auto"]
+    kv_dtypes = list(dict.fromkeys(args.kv_cache_dtypes))
 
     records = []
     with out.open("w") as f:
         for t in contexts:
             load = round(os.getloadavg()[0], 2)
-            for rec in run_context(t, modes, params, config, on_gpu, meta):
+            for rec in run_context(t, modes, weights, kv_dtypes, config, on_gpu, meta):
                 emit(records, f, {**rec, "load_avg_1m": load})
     print_table(records, on_gpu)
     png = args.plot or out.with_suffix(".png")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lserve_jax import corpus, head_pattern
-from models import llama
+from models import llama, weight_quant
 from models.config import LlamaConfig
 
 METHODS = ("duo", "profile")
@@ -101,10 +101,12 @@ def optimize_gates(params, config: LlamaConfig, samples, *, steps: int, lr: floa
                    l1: float = 0.05, sink: int = 128, recent: int = 256, remat: bool = False,
                    progress: bool = True):
     """Train gates [L, Hkv] on `samples` (cycled, one per step). Returns (gates, history) with
-    history a list of {"step", "loss", "mse", "mean_gate"} per step."""
+    history a list of {"step", "loss", "mse", "mean_gate"} per step. `params` must be float
+    (DuoAttention distils the float model's own outputs; ValueError for int8 weights)."""
     import optax
     from tqdm import tqdm
 
+    weight_quant.require_float(params, "head-pattern calibration")
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     if not samples:
@@ -164,7 +166,9 @@ def outside_mass(q, k, *, sink: int, recent: int) -> jax.Array:
 def profile_gates(params, config: LlamaConfig, token_rows, *, sink: int = 128,
                   recent: int = 256) -> np.ndarray:
     """The profiling baseline: gates [L, Hkv] = each head's `outside_mass` on rows of real text
-    token_rows [N, T], averaged over the rows (one forward each, full attention)."""
+    token_rows [N, T], averaged over the rows (one forward each, full attention); float
+    `params` only, as `optimize_gates`."""
+    weight_quant.require_float(params, "head-pattern profiling")
     token_rows = jnp.asarray(token_rows, jnp.int32)
     if token_rows.shape[1] <= sink + recent:
         raise ValueError(f"profiling needs rows longer than sink + recent = {sink + recent}")

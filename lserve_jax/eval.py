@@ -10,6 +10,13 @@ Two measurements, each over a list of attention settings (dense first, the refer
   dense attention's (agreement) and the true next token's log-probability is kept (perplexity).
   Saved as `agreement.json` and `agreement.png`.
 
+Quantization (`--quant KV:W,...`, default `auto:auto`): every setting runs once per pair of KV
+cache dtype (auto, int8, int4: pallas_kernels/quant.py, scales from lserve_jax/kv_quant.py) and
+weight dtype (auto, int8: models/weight_quant.py); the reference stays dense attention with the
+model's float KV and weights. A prompt is prefilled once per weight dtype in one shot, whose
+attention reads the fresh keys and values, so a quantized cache is that prefill's keys and
+values stored quantized (`cache_from_dense`); every decode step then reads the quantized pages.
+
 Settings: dense; the head pattern at `static_sparsity` 0.5 with each `--budgets` token budget;
 the budget 1024 with each `--sparsities`; a `--baseline` pattern at the same sparsities; and
 scaled prefill windows (`--windows`, `ctx_local_tokens`) that make streaming heads matter in
@@ -87,11 +94,14 @@ class Setting:
     static_sparsity: float = 0.0
     token_budget: int | None = None
     ctx_local_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
+    weight_dtype: str = "auto"
 
     def row(self) -> dict:
         return {"setting": self.name, "pattern": self.pattern,
                 "static_sparsity": self.static_sparsity, "token_budget": self.token_budget,
-                "ctx_local_tokens": self.ctx_local_tokens}
+                "ctx_local_tokens": self.ctx_local_tokens,
+                "kv_cache_dtype": self.kv_cache_dtype, "weight_dtype": self.weight_dtype}
 
 
 def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
@@ -132,6 +142,37 @@ def build_settings(config: LlamaConfig, *, pattern: str, baseline: str | None,
     return unique
 
 
+def parse_quant(text: str) -> list[tuple[str, str]]:
+    """"KV:W,KV:W" -> [(kv_cache_dtype, weight_dtype), ...] (a bare "KV" means "KV:auto")."""
+    from models.weight_quant import check_weight_dtype
+    from pallas_kernels.quant import KV_CACHE_DTYPES
+
+    pairs = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        kv, _, weights = item.partition(":")
+        if kv not in KV_CACHE_DTYPES:
+            raise ValueError(f"--quant {item!r}: KV cache dtype must be one of {KV_CACHE_DTYPES}")
+        pairs.append((kv, check_weight_dtype(weights or "auto")))
+    if not pairs:
+        raise ValueError("--quant names no KV:W pair")
+    return list(dict.fromkeys(pairs))
+
+
+def with_quantization(settings: list[Setting], pairs: list[tuple[str, str]]) -> list[Setting]:
+    """Every setting once per (kv_cache_dtype, weight_dtype) pair, pair by pair; the float
+    pair ("auto", "auto") first, so the float dense setting stays the reference."""
+    pairs = sorted(pairs, key=lambda p: p != ("auto", "auto"))
+    out = []
+    for kv, weights in pairs:
+        suffix = "".join(f" {name}={dtype}" for name, dtype in (("kv", kv), ("w", weights))
+                         if dtype != "auto")
+        out += [dataclasses.replace(s, name=s.name + suffix, kv_cache_dtype=kv,
+                                    weight_dtype=weights) for s in settings]
+    return out
+
+
 # ---- running a setting -----------------------------------------------------------------------
 
 class Runner:
@@ -139,34 +180,52 @@ class Runner:
     `max_tokens` so the decode executables are shared by every prompt length. Each cache has
     the page sizes of its setting's `attention.sparsity`."""
 
-    def __init__(self, config: LlamaConfig, params: dict, *, max_tokens: int):
+    def __init__(self, config: LlamaConfig, params: dict, *, max_tokens: int,
+                 kv_scales: tuple | None = None):
         self.config, self.params = config, params
         self.max_tokens = max_tokens
         self.dtype = jnp.dtype(params["embed"].dtype).name
+        self.kv_scales = kv_scales  # for quantized caches (lserve_jax/kv_quant.py)
+        self._params = {"auto": params}
 
-    def empty_cache(self, attention: AttentionConfig, num_tokens: int) -> kv_cache.KVCache:
+    def params_for(self, weight_dtype: str) -> dict:
+        """The params with `weight_dtype` layer weights (quantized once, then kept)."""
+        if weight_dtype not in self._params:
+            from models.weight_quant import quantize_params
+
+            self._params[weight_dtype] = quantize_params(self.params, weight_dtype)
+        return self._params[weight_dtype]
+
+    def empty_cache(self, attention: AttentionConfig, num_tokens: int,
+                    kv_cache_dtype: str = "auto") -> kv_cache.KVCache:
         pages_per_seq = -(-self.max_tokens // attention.sparsity.page_size)
+        if kv_cache_dtype != "auto" and self.kv_scales is None:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the runner's kv_scales")
         spec = llama.cache_spec(self.config, attention, num_pages=pages_per_seq + 1, max_seqs=1,
-                                max_pages_per_seq=pages_per_seq, dtype=self.dtype)
+                                max_pages_per_seq=pages_per_seq, dtype=self.dtype,
+                                kv_cache_dtype=kv_cache_dtype,
+                                kv_scales=self.kv_scales if kv_cache_dtype != "auto" else None)
         cache, ok = kv_cache.reserve(kv_cache.init_cache(spec), jnp.int32(0),
                                      jnp.int32(num_tokens))
         if not bool(ok):
             raise ValueError(f"{num_tokens} tokens exceed the cache ({pages_per_seq} pages)")
         return cache
 
-    def prefill(self, attention: AttentionConfig, ids: list[int], total_tokens: int):
+    def prefill(self, attention: AttentionConfig, ids: list[int], total_tokens: int, *,
+                kv_cache_dtype: str = "auto", weight_dtype: str = "auto"):
         """-> (cache holding `ids`, logits [V] of the last prompt token)."""
         step = 512 if len(ids) > 512 else 64  # few prefill compiles, little padding
         t = -(-len(ids) // step) * step
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :len(ids)] = ids
-        cache = self.empty_cache(attention, total_tokens)
-        cache, logits = _prefill(self.params, cache, jnp.asarray(tokens),
+        cache = self.empty_cache(attention, total_tokens, kv_cache_dtype)
+        cache, logits = _prefill(self.params_for(weight_dtype), cache, jnp.asarray(tokens),
                                  jnp.asarray([len(ids)], jnp.int32), config=self.config,
                                  attention=attention)
         return cache, logits[0]
 
-    def decode(self, attention: AttentionConfig, cache, inputs, targets, force):
+    def decode(self, attention: AttentionConfig, cache, inputs, targets, force,
+               weight_dtype: str = "auto"):
         """Run len(inputs) decode steps from `cache`, in chunks of CHUNK.
 
         inputs, targets: int lists; force: bools. Step i feeds inputs[i] when force[i], else the
@@ -182,7 +241,7 @@ class Runner:
         for c in range(0, len(inputs), CHUNK):
             sl = slice(c, c + CHUNK)
             cache, prev, a, lp, tlp = _decode_chunk(
-                self.params, cache, jnp.asarray(inputs[None, sl]), jnp.asarray(targets[None, sl]),
+                self.params_for(weight_dtype), cache, jnp.asarray(inputs[None, sl]), jnp.asarray(targets[None, sl]),
                 jnp.asarray(force[sl]), prev, config=self.config, attention=attention)
             top1.append(np.asarray(a[0]))
             logp.append(np.asarray(lp[0]))
@@ -257,14 +316,31 @@ def _cache_from_dense(dense, cache, length, *, config, attention):
                          selected_num_pages=cache.selected_num_pages.at[0].set(-1))
 
 
-def _setting_cache(runner: Runner, setting: Setting, dense_cache, ids, total_tokens, logits):
+class DensePrefills:
+    """The dense float-KV prefill of one prompt, per weight dtype, made when first asked for."""
+
+    def __init__(self, runner: Runner, attention: AttentionConfig, ids: list[int],
+                 total_tokens: int):
+        self.runner, self.attention, self.ids, self.total = runner, attention, ids, total_tokens
+        self._done = {}
+
+    def __call__(self, weight_dtype: str = "auto"):
+        """-> (cache, logits of the last prompt token)."""
+        if weight_dtype not in self._done:
+            self._done[weight_dtype] = self.runner.prefill(self.attention, self.ids, self.total,
+                                                           weight_dtype=weight_dtype)
+        return self._done[weight_dtype]
+
+
+def _setting_cache(runner: Runner, setting: Setting, dense: DensePrefills, ids, total_tokens):
     """(cache, first-token logits) of `setting` after prefilling `ids`."""
-    att = setting.attention
-    if att.mode == "dense":
-        return dense_cache, logits
+    att, kv, weights = setting.attention, setting.kv_cache_dtype, setting.weight_dtype
     if att.has_streaming and att.sparsity.ctx_local_tokens < len(ids):
-        return runner.prefill(att, ids, total_tokens)
-    empty = runner.empty_cache(att, total_tokens)
+        return runner.prefill(att, ids, total_tokens, kv_cache_dtype=kv, weight_dtype=weights)
+    dense_cache, logits = dense(weights)
+    if att.mode == "dense" and kv == "auto":
+        return dense_cache, logits
+    empty = runner.empty_cache(att, total_tokens, kv)
     return cache_from_dense(dense_cache, empty, len(ids), config=runner.config,
                             attention=att), logits
 
@@ -283,14 +359,14 @@ def passkey_grid(runner: Runner, tokenizer, settings: list[Setting], *, lengths:
             prompt = corpus.passkey_prompt(tokenizer, length=length, depth=depth, passkey=key,
                                            haystack=haystack)
             total = len(prompt.ids) + new_tokens
-            dense_cache, dense_logits = runner.prefill(settings[0].attention, prompt.ids, total)
+            dense = DensePrefills(runner, settings[0].attention, prompt.ids, total)
             for setting in settings:
-                cache, logits = _setting_cache(runner, setting, dense_cache, prompt.ids, total,
-                                               dense_logits)
+                cache, logits = _setting_cache(runner, setting, dense, prompt.ids, total)
                 first = int(jnp.argmax(logits))
                 inputs = [first] + [0] * (new_tokens - 2)
                 force = [True] + [False] * (new_tokens - 2)
-                _, top1, _, _ = runner.decode(setting.attention, cache, inputs, inputs, force)
+                _, top1, _, _ = runner.decode(setting.attention, cache, inputs, inputs, force,
+                                              setting.weight_dtype)
                 answer = tokenizer.decode([first] + top1.tolist())
                 hit = corpus.passkey_found(answer, key)
                 records.append(dict(setting.row(), length=length, depth=depth, passkey=key,
@@ -315,13 +391,13 @@ def teacher_forced(runner: Runner, tokenizer, settings: list[Setting], *, length
             prefix = ids[:length - num_tokens].tolist()
             inputs = ids[length - num_tokens:length].tolist()
             targets = ids[length - num_tokens + 1:length + 1].tolist()
-            dense_cache, dense_logits = runner.prefill(settings[0].attention, prefix, length)
+            dense = DensePrefills(runner, settings[0].attention, prefix, length)
             reference = None
             for setting in settings:
-                cache, _ = _setting_cache(runner, setting, dense_cache, prefix, length,
-                                          dense_logits)
+                cache, _ = _setting_cache(runner, setting, dense, prefix, length)
                 _, top1, logp, top_logp = runner.decode(setting.attention, cache, inputs,
-                                                        targets, [True] * num_tokens)
+                                                        targets, [True] * num_tokens,
+                                                        setting.weight_dtype)
                 if reference is None:
                     reference, reference_top_logp = top1, top_logp
                 confident, num_confident = confident_agreement(top1, reference,
@@ -470,6 +546,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=("pallas", "xla"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", type=parse_quant, default=[("auto", "auto")],
+                   help="KV-cache:weight dtype pairs to run every setting with, e.g. "
+                   "auto:auto,int8:auto,int4:auto,int8:int8 (KV auto/int8/int4, weights "
+                   "auto/int8)")
     p.add_argument("--skip-passkey", action="store_true",
                    help="skip the passkey grid (an earlier run's passkey.json in --out is kept)")
     p.add_argument("--skip-forced", action="store_true",
@@ -507,19 +587,26 @@ def main(argv: list[str] | None = None) -> int:
             config, pattern=pattern, baseline=args.baseline, budgets=args.budgets,
             sparsities=args.sparsities, windows=args.windows, main_budget=args.main_budget,
             main_sparsity=args.main_sparsity, impl=args.impl or default_impl(), sparsity=base)
+        settings = with_quantization(settings, args.quant)
+        kv_scales = None
+        if any(kv != "auto" for kv, _ in args.quant):
+            from lserve_jax import kv_quant
+
+            kv_scales = kv_quant.load_or_calibrate(path, params, config, tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     max_tokens = max(lengths + [n + 1 for n in ppl_lengths]) + args.new_tokens
-    runner = Runner(config, params, max_tokens=max_tokens)
+    runner = Runner(config, params, max_tokens=max_tokens, kv_scales=kv_scales)
     meta = {"checkpoint": str(path), "pattern": str(pattern), "baseline": args.baseline,
             "settings": [s.row() | {"name": s.name} for s in settings],
             "haystack": args.haystack, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "dtype": args.dtype, "page_size": args.page_size,
-            "keep_first_pages": args.keep_first_pages, "commit": git_commit()}
+            "keep_first_pages": args.keep_first_pages, "quant": args.quant,
+            "commit": git_commit()}
     say = log.info
     t0 = time.perf_counter()
     passkey, forced = _previous(out / "passkey.json"), _previous(out / "agreement.json")

@@ -17,12 +17,13 @@ from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models.sparsity import PAGE_SELECTIONS
+from models.weight_quant import WEIGHT_DTYPES
 from pallas_kernels.quant import KV_CACHE_DTYPES
 
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
                 "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching",
-                "kv_cache_dtype")
+                "kv_cache_dtype", "weight_dtype")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         help="auto: the model's dtype; int8: static scales per layer, KV head "
                         "and channel (calibrated once, stored beside the checkpoint); int4: "
                         "a scale and zero point per token and KV head, two values a byte")
+    engine.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default=None,
+                        help="auto: the model's dtype; int8: every layer's linear weights "
+                        "quantized per output channel (embedding and LM head stay float)")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=None,
                         help="do not share the pages of identical prompt prefixes")

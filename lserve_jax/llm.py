@@ -48,10 +48,11 @@ class LLM:
     before loading (sizes are always checked; checksums on the first load after a conversion;
     README "Checkpoint integrity"). The engine's capacity arguments (`max_num_seqs`,
     `max_num_batched_tokens`, `max_model_len`, `kv_cache_memory_gb` or `num_pages`,
-    `enable_prefix_caching`) are `Engine`'s; the remaining keyword arguments are LServe's
-    sparsity knobs (see `SparsityConfig`). With attention="lserve" and no `head_pattern`, the
-    embedded model uses its shipped calibrated pattern (lserve_jax/attn_patterns/); other
-    checkpoints then treat every head as dense.
+    `enable_prefix_caching`) and the quantization knobs (`kv_cache_dtype`, `weight_dtype`:
+    "auto" or "int8", models/weight_quant.py) are `Engine`'s; the remaining keyword arguments
+    are LServe's sparsity knobs (see `SparsityConfig`). With attention="lserve" and no
+    `head_pattern`, the embedded model uses its shipped calibrated pattern
+    (lserve_jax/attn_patterns/); other checkpoints then treat every head as dense.
     """
 
     def __init__(self, ckpt: str | None = None, **kwargs):
@@ -68,6 +69,7 @@ class LLM:
     attention_mode = property(lambda self: self.engine.attention_mode)
     sparsity = property(lambda self: self.engine.sparsity)
     impl = property(lambda self: self.engine.impl)
+    weight_dtype = property(lambda self: self.engine.weight_dtype)
     head_pattern = property(lambda self: self.engine.head_pattern)
     checkpoint_path = property(lambda self: self.engine.checkpoint_path)
     compilation_cache = property(lambda self: self.engine.compilation_cache)

@@ -6,7 +6,9 @@ Two entry points share the layer code (`layer_step`, one pure function per layer
     decode(params, cache, tokens [B], slots [B], active [B])        -> (cache, logits [B, V])
 
 Both write the new keys/values into the cache's pages and return the updated cache; nothing is
-stored anywhere else. Layers are unrolled in Python (see models/params.py for why).
+stored anywhere else. Layers are unrolled in Python (see models/params.py for why). A layer's
+linear weights are float arrays or int8 `Int8Weight`s (models/weight_quant.py: `linear`); the
+embedding and LM head are always float.
 Einsum alphabet: see models/attention.py.
 """
 
@@ -22,6 +24,7 @@ from models import kv_cache
 from models.attention import AttentionConfig, LayerStep, attend_layer, check_cache_pages
 from models.config import LlamaConfig, rope_inv_freq
 from models.kv_cache import KVCache
+from models.weight_quant import linear
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -48,17 +51,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _mlp(layer: dict, x: jax.Array) -> jax.Array:
-    gate = x @ layer["w_gate"]
-    return (jax.nn.silu(gate) * (x @ layer["w_up"])) @ layer["w_down"]
+    gate = linear(x, layer["w_gate"])
+    return linear(jax.nn.silu(gate) * linear(x, layer["w_up"]), layer["w_down"])
 
 
 def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
     """h [B, T, E] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] with RoPE applied to q and k."""
     b, t, _ = h.shape
     d = config.head_dim
-    q = (h @ layer["wq"]).reshape(b, t, config.num_heads, d)
-    k = (h @ layer["wk"]).reshape(b, t, config.num_kv_heads, d)
-    v = (h @ layer["wv"]).reshape(b, t, config.num_kv_heads, d)
+    q = linear(h, layer["wq"]).reshape(b, t, config.num_heads, d)
+    k = linear(h, layer["wk"]).reshape(b, t, config.num_kv_heads, d)
+    v = linear(h, layer["wv"]).reshape(b, t, config.num_kv_heads, d)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -72,7 +75,7 @@ def _block(layer: dict, config: LlamaConfig, x: jax.Array, cos, sin, attend, sta
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q, k, v = _qkv(layer, config, h, cos, sin)
     state, attn = attend(state, q, k, v)
-    x = x + attn.reshape(b, t, -1) @ layer["wo"]
+    x = x + linear(attn.reshape(b, t, -1), layer["wo"])
     return x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)), state
 
 

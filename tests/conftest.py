@@ -125,6 +125,42 @@ def generate_greedy(params, config, attention, prompts, n, *, t=16, slots=None, 
     return np.asarray(state.out_tokens), state
 
 
+# Engine knobs for the tiny converted model (`convert_tiny_llama`, max_position_embeddings
+# 256): pages of 8 tokens, and for LServe windows, budget and interval scaled to it, with a
+# head pattern that streams KV head 1 of layer 0 and KV head 0 of layer 1.
+TINY_HEAD_PATTERN = "0.9\t0.1\n0.2\t0.8\n"
+TINY_LSERVE = dict(attention="lserve", page_size=8, logical_page_size=4, ctx_sink_tokens=8,
+                   ctx_local_tokens=32, dec_sink_tokens=8, dec_local_tokens=16, token_budget=24,
+                   selector_interval=2, static_sparsity=0.5)
+
+
+def tiny_engine_knobs(mode: str, tmp_path) -> dict:
+    """`Engine` keyword arguments for "dense" or "lserve" on the tiny converted model (the
+    LServe head pattern is written into tmp_path)."""
+    if mode == "dense":
+        return dict(page_size=8, logical_page_size=4)
+    (tmp_path / "heads.tsv").write_text(TINY_HEAD_PATTERN)
+    return dict(TINY_LSERVE, head_pattern=str(tmp_path / "heads.tsv"))
+
+
+def greedy_closeness(reference, results, gap: float) -> tuple[int, float]:
+    """Compare two greedy runs' RequestOutputs (with logprobs) token by token: while the runs
+    agree, the largest difference of the chosen token's log-probability; where they first
+    differ, the second run's choice must be within `gap` of the reference's best (a near tie
+    may flip). Returns (tokens agreed before the first difference, summed over the requests,
+    that largest difference)."""
+    agree, largest = 0, 0.0
+    for a, b in zip(reference, results, strict=True):
+        for j, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
+            la, lb = a.outputs[0].logprobs[j], b.outputs[0].logprobs[j]
+            if ta != tb:
+                assert tb in la and la[ta].logprob - la[tb].logprob < gap, (j, ta, tb)
+                break
+            agree += 1
+            largest = max(largest, abs(la[ta].logprob - lb[tb].logprob))
+    return agree, largest
+
+
 def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddings=96,
                        tokenizer_from=None, tie_word_embeddings=False):
     """A tiny random HF Llama (2 layers, 4 query / 2 KV heads, hidden 32) saved and converted;

@@ -231,6 +231,61 @@ def test_cache_from_dense_equals_lserve_prefill():
                                  config=config, attention=narrow)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_cache_from_dense_into_a_quantized_cache(kv_cache_dtype):
+    """A one-shot prefill attends over its fresh keys and values, so the quantized cache it
+    leaves equals the dense float prefill's keys and values stored quantized."""
+    config, params = _tiny_model(6)
+    scales = ((0.05, 0.04), (0.06, 0.05))
+    runner = harness.Runner(config, params, max_tokens=160, kv_scales=scales)
+    att = AttentionConfig(mode="lserve", impl="xla", streaming_heads=((True, False),
+                                                                       (False, True)),
+                          sparsity=SparsityConfig(page_size=16, logical_page_size=16,
+                                                  ctx_local_tokens=200, token_budget=48))
+    ids = np.random.default_rng(7).integers(0, 64, 100).tolist()
+    dense_cache, _ = runner.prefill(AttentionConfig(sparsity=att.sparsity), ids, 110)
+    rebuilt = harness.cache_from_dense(dense_cache,
+                                       runner.empty_cache(att, 110, kv_cache_dtype), len(ids),
+                                       config=config, attention=att)
+    direct, _ = runner.prefill(att, ids, 110, kv_cache_dtype=kv_cache_dtype)
+    assert rebuilt.kv_cache_dtype == direct.kv_cache_dtype == kv_cache_dtype
+    for name in ("k", "v", "sk", "sv", "kmax", "kmin") + (
+            ("k_scale", "v_scale", "sk_scale", "sv_scale") if kv_cache_dtype == "int4" else ()):
+        for a, b in zip(getattr(rebuilt, name), getattr(direct, name), strict=True):
+            np.testing.assert_array_equal(np.asarray(a[:, 1:]), np.asarray(b[:, 1:]), name)
+
+
+def test_eval_quantization_settings(tiny_ckpt, tmp_path):
+    """--quant runs every setting per (KV cache dtype, weight dtype) pair against the float
+    dense reference."""
+    pattern = tmp_path / "a.tsv"
+    head_pattern.write_head_pattern(pattern, np.random.default_rng(1).random((2, 2)))
+    out = tmp_path / "results"
+    rc = harness.main(["--ckpt", str(tiny_ckpt), "--out", str(out), "--pattern", str(pattern),
+                       "--lengths", "160", "--depths", "0", "--budgets", "64",
+                       "--sparsities", "0.5", "--windows", "", "--main-budget", "64",
+                       "--ppl-lengths", "200", "--ppl-tokens", "16", "--page-size", "16",
+                       "--new-tokens", "4", "--quant", "int4:int8,auto:auto,int8"])
+    assert rc == 0
+    summary = {r["setting"]: r for r in json.loads((out / "summary.json").read_text())["summary"]}
+    lserve = "calibrated s=0.5 budget=64"
+    assert list(summary) == ["dense", lserve, "dense kv=int4 w=int8", f"{lserve} kv=int4 w=int8",
+                             "dense kv=int8", f"{lserve} kv=int8"]
+    records = json.loads((out / "agreement.json").read_text())["records"]
+    assert {(r["kv_cache_dtype"], r["weight_dtype"]) for r in records} == {
+        ("auto", "auto"), ("int4", "int8"), ("int8", "auto")}
+    assert summary["dense"]["agreement@200"] == 1.0
+    # Quantized caches and weights move the logits a little (this random model's perplexity,
+    # about 48,856, moved by about 1e-5 relative), never to another model.
+    for name in ("dense kv=int8", "dense kv=int4 w=int8"):
+        ppl, dense = summary[name]["ppl@200"], summary["dense"]["ppl@200"]
+        assert ppl != dense and ppl == pytest.approx(dense, rel=1e-3)
+    assert (out / "kv_scales.json").exists() is False  # stored beside the checkpoint
+    assert (tiny_ckpt / "kv_scales.json").exists()
+    with pytest.raises(SystemExit):
+        harness.main(["--out", str(out), "--quant", "int3:auto"])
+
+
 def test_eval_cli_end_to_end(tiny_ckpt, tmp_path):
     config, _, _ = load_checkpoint(tiny_ckpt)
     pattern, baseline = tmp_path / "a.tsv", tmp_path / "b.tsv"

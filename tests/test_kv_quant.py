@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import convert_tiny_llama
+from conftest import convert_tiny_llama, greedy_closeness, tiny_engine_knobs
 from lserve_jax import Engine, SamplingParams
 from lserve_jax.engine import device
 from lserve_jax.kv_quant import SCALES_FILE, calibrate_kv_scales, kv_absmax
@@ -147,20 +147,13 @@ def ckpt(tmp_path_factory):
     return convert_tiny_llama(tmp_path_factory, vocab_size=128, max_position_embeddings=256)
 
 
-PATTERN = "0.9\t0.1\n0.2\t0.8\n"
-LSERVE = dict(attention="lserve", page_size=8, logical_page_size=4, ctx_sink_tokens=8,
-              ctx_local_tokens=32, dec_sink_tokens=8, dec_local_tokens=16, token_budget=24,
-              selector_interval=2, static_sparsity=0.5)
 
 
 FLOAT_RUNS = {}  # mode -> the float cache's results, shared by the dtypes
 
 
 def engine_results(ckpt, tmp_path, mode, dtype):
-    kwargs = dict(page_size=8, logical_page_size=4) if mode == "dense" else dict(LSERVE)
-    if mode == "lserve":
-        (tmp_path / "heads.tsv").write_text(PATTERN)
-        kwargs["head_pattern"] = str(tmp_path / "heads.tsv")
+    kwargs = tiny_engine_knobs(mode, tmp_path)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, 128, n)] for n in (9, 40, 77)]
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=5)
@@ -189,16 +182,22 @@ def test_quantized_kv_engine_stays_close_to_the_float_cache(ckpt, tmp_path, mode
     # Teacher-forced closeness: while the runs agree, the chosen token has nearly the same
     # log-probability in both; where they first differ, the quantized run's choice was within
     # the same gap of the float run's best.
-    agree = 0
-    for a, b in zip(FLOAT_RUNS[mode], results):
-        for j, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
-            la, lb = a.outputs[0].logprobs[j], b.outputs[0].logprobs[j]
-            if ta != tb:
-                assert tb in la and la[ta].logprob - la[tb].logprob < GAP[dtype]
-                break
-            agree += 1
-            assert abs(la[ta].logprob - lb[tb].logprob) < GAP[dtype]
+    agree, gap = greedy_closeness(FLOAT_RUNS[mode], results, GAP[dtype])
+    assert gap < GAP[dtype]
     assert agree >= 12  # of 36 (near ties of this random model flip early in LServe int4)
+
+
+def test_start_up_reports_tokens_per_gib_for_each_kv_dtype(ckpt):
+    """Dense mode on the tiny model (2 layers, 2 KV heads, head_dim 8, f32, pages of 8): a page
+    of all layers holds 2 * 2 * 8 tokens of heads at 2 * 8 * 4 bytes (f32), 2 * 8 (int8) or
+    2 * (4 + 4) (int4: a float16 scale and zero point each for K and V)."""
+    engine = Engine(ckpt, kv_cache_dtype="int8", page_size=8, logical_page_size=4)
+    per_token_heads = 2 * 2 * 8  # layers x KV heads x page tokens
+    assert engine.tokens_per_gib() == {
+        "auto": 2**30 * 8 // (per_token_heads * 64), "int8": 2**30 * 8 // (per_token_heads * 16),
+        "int4": 2**30 * 8 // (per_token_heads * 16)}
+    assert "tokens per GiB by KV cache dtype: auto 4,194,304, int8 16,777,216" in (
+        engine.capacity_summary)
 
 
 def test_scales_are_calibrated_once_and_stored_beside_the_checkpoint(ckpt):
@@ -238,14 +237,12 @@ def test_smollm2_int8_kv_keeps_the_float_caches_greedy_tokens():
 @pytest.mark.parametrize("kwargs,error", [
     (dict(kv_cache_dtype="fp4"), ValueError),
     (dict(kv_cache_dtype="int4", kv_scales=((0.1, 0.1),)), ValueError),
-    (dict(kv_cache_dtype="int4", impl="pallas"), NotImplementedError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, float("nan")), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, 0.0), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, 0.1),)), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, np.ones((2, 7))), (0.1, 0.1))), ValueError),
     (dict(kv_cache_dtype="int8", kv_scales=((0.1, "x"), (0.1, 0.1))), TypeError),
     (dict(kv_scales=((0.1, 0.1), (0.1, 0.1))), ValueError),
-    (dict(kv_cache_dtype="int8", impl="pallas"), NotImplementedError),
 ])
 def test_bad_kv_cache_settings_are_clear_errors(ckpt, kwargs, error):
     with pytest.raises(error):

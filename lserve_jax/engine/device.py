@@ -221,13 +221,19 @@ def size_pool(spec: kv_cache.KVCacheSpec, memory_bytes: int) -> PoolSize:
                     fixed_bytes=fixed)
 
 
+def memory_stats() -> dict | None:
+    """The default device's memory statistics; None where the backend keeps none (the CPU)."""
+    try:
+        return jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+
+
 def device_memory_for_cache(fraction: float) -> int | None:
     """Bytes the KV cache may take on the default device: `fraction` of its memory limit minus
-    what is in use (the weights); None when the device does not report memory (the CPU)."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory statistics
-        stats = None
+    what is in use (the weights as loaded, int8 ones with `weight_dtype="int8"`: the engine
+    sizes its pool after quantizing); None when the device does not report memory (the CPU)."""
+    stats = memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
     return max(int(fraction * stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)

@@ -47,7 +47,7 @@ from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, windo
 from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import kv_cache, llama
+from models import kv_cache, llama, weight_quant
 from pallas_kernels import quant
 from models.attention import AttentionConfig
 
@@ -207,7 +207,11 @@ class Engine:
     numbers or [Hkv][D] lists) or calibrated on the book text and stored beside the
     checkpoint: lserve_jax/kv_quant.py) or "int4" (each token of each head with its own
     float16 scale and zero point, pallas_kernels/quant.py, after dividing each channel by
-    the same calibrated scales, models/kv_cache.py); the XLA path so far.
+    the same calibrated scales, models/kv_cache.py). Writes quantize in the scatter that stores
+    them; decode reads the pages as stored (the Pallas kernel dequantizes in registers).
+    `weight_dtype`: "auto" (the model's dtype) or "int8" (every layer's linear weights
+    quantized per output channel after loading, models/weight_quant.py; the embedding and LM
+    head stay in the model's dtype).
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -217,12 +221,13 @@ class Engine:
                  num_pages: int | None = None, enable_prefix_caching: bool = True,
                  num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
                  long_prefill_token_threshold: int | None = None,
-                 kv_cache_dtype: str = "auto", kv_scales=None,
+                 kv_cache_dtype: str = "auto", kv_scales=None, weight_dtype: str = "auto",
                  **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
+        self.weight_dtype = weight_quant.check_weight_dtype(weight_dtype)
         unknown = set(sparsity_knobs) - set(SparsityConfig.field_names())
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}; sparsity knobs are "
@@ -251,16 +256,23 @@ class Engine:
         self.checkpoint_path = path
         self.kv_cache_dtype = quant.check_kv_cache_dtype(kv_cache_dtype, self.config.head_dim)
         self.kv_scales = None
-        if kv_cache_dtype != "auto" and self.impl != "xla":
-            raise NotImplementedError(f"kv_cache_dtype={kv_cache_dtype!r} runs on the XLA "
-                                      "path so far (impl='xla'); the Pallas kernels read "
-                                      "float pages")
         if kv_cache_dtype != "auto":
             self.kv_scales = (kv_quant.check_kv_scales(kv_scales, self.config)
                               if kv_scales is not None else kv_quant.load_or_calibrate(
                                   path, self.params, self.config, self.tokenizer))
         elif kv_scales is not None:
             raise ValueError("kv_scales are only used with a quantized kv_cache_dtype")
+        # Quantized after the KV scales, which are calibrated on the float weights (so
+        # kv_scales.json does not depend on the weight dtype), and before the pool is sized:
+        # the float matrices are freed here, so a GPU's KV budget counts the int8 ones in use.
+        float_bytes = weight_quant.weight_bytes(self.params)
+        self.params = weight_quant.quantize_params(self.params, self.weight_dtype)
+        self.weight_bytes = weight_quant.weight_bytes(self.params)
+        if self.weight_dtype == "int8":
+            log.info("weights: %.1f MiB with int8 layer weights (%.1f MiB in %s)",
+                     self.weight_bytes / 2**20, float_bytes / 2**20, dtype)
+        else:
+            log.info("weights: %.1f MiB (%s)", self.weight_bytes / 2**20, dtype)
         self.head_pattern = None
         self.attention = self._attention_config()
         context = self.config.max_position_embeddings
@@ -376,8 +388,24 @@ class Engine:
                 lines.append(f"dense in the same memory: {size.capacity_tokens} tokens")
             except ValueError:
                 pass
+        lines.append("tokens per GiB by KV cache dtype: " + ", ".join(
+            f"{name} {tokens:,}" for name, tokens in self.tokens_per_gib().items()))
         self.capacity_summary = "; ".join(lines)
         log.info("KV cache: %s", self.capacity_summary)
+
+    def tokens_per_gib(self) -> dict[str, int]:
+        """Tokens of context one GiB of pages holds in this mode, per KV cache dtype (pages,
+        their int4 scales and the key statistics; the constant streaming pool left out)."""
+        out = {}
+        for name in quant.KV_CACHE_DTYPES:
+            if name == "int4" and self.config.head_dim % 2:
+                continue
+            scales = (None if name == "auto" else self.kv_scales
+                      or ((1.0, 1.0),) * self.config.num_layers)  # shapes only
+            spec = dataclasses.replace(self.spec, kv_cache_dtype=name, kv_scales=scales)
+            per_page, _ = device.pool_bytes(spec)
+            out[name] = 2**30 * spec.page_size // per_page
+        return out
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -697,9 +725,9 @@ class Engine:
 
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
         """The executable of `fn` for this batch's shape bucket, compiled once per process
-        (logged): engines of one model, attention config and pool share it."""
+        (logged): engines of one model, weight dtype, attention config and pool share it."""
         key = (fn.__name__, tuple(sorted(static.items())), self.config, self.attention,
-               self._state_signature, _signature(batch))
+               self.weight_dtype, self._state_signature, _signature(batch))
         exe = _SHARED_EXECUTABLES.get(key)
         if exe is not None:
             _SHARED_EXECUTABLES.move_to_end(key)
