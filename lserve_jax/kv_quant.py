@@ -4,13 +4,16 @@
 symmetric scales, one per KV head and channel (LServe §5 and QServe use one per tensor; keys
 have outlier channels, and per channel their error is about 3x lower on SmolLM2). The scales
 come from a short calibration pass: a causal forward over the shipped book text
-(lserve_jax/data/), the largest |k| and |v| per layer, head and channel, times a margin for
-prompts that reach further (values beyond it are clipped, never wrapped: pallas_kernels/quant.py). They
-also serve `kv_cache_dtype="int4"` as per-channel smoothing factors (models/kv_cache.py:
-a token is divided by them before its per-token quantization, so outlier channels do not set
-its range; on SmolLM2 the keys' error falls from 12.9% to 6.6%). They
-are written to `kv_scales.json` in the converted checkpoint directory and read from there by
-later runs; a user may also give them (`Engine(kv_scales=...)`).
+(lserve_jax/data/), per layer, head and channel the keys' bound at any position (the norm of
+the channel's rotary pair, `rotary_pair_norm`: RoPE turns the pair with the position, so one
+channel's own largest |k| over 1,024 tokens clipped 0.3-1.3% of the keys at positions past
+1,024 on SmolLM2, and 0.005% or less with the pair norm) and the largest |v|, times a margin
+for prompts that reach further (values beyond it are clipped, never wrapped:
+pallas_kernels/quant.py). They also serve `kv_cache_dtype="int4"` as per-channel smoothing
+factors (models/kv_cache.py: a token is divided by them before its per-token quantization, so
+outlier channels do not set its range). They are written to `kv_scales.json` in the
+converted checkpoint directory and read from there by later runs; a user may also give them
+(`Engine(kv_scales=...)`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ log = logging.getLogger("lserve_jax")
 SCALES_FILE = "kv_scales.json"
 CALIBRATION_TOKENS = 1024
 MARGIN = 1.25  # headroom over the calibration text's largest |k| and |v|
-GRANULARITY = "kv_head_channel"  # what the stored scales are per (a file of another is redone)
+# What the stored scales are per (a file of another kind is calibrated again): keys per rotary
+# pair of channels, values per channel, each per KV head.
+GRANULARITY = "kv_head_rotary_pair"
 
 
 def _causal_attention(q, k, v):
@@ -45,15 +50,28 @@ def _causal_attention(q, k, v):
                       v.astype(jnp.float32)).astype(q.dtype)
 
 
+def rotary_pair_norm(k: jax.Array) -> jax.Array:
+    """k [..., D] after RoPE -> [..., D]: each channel's magnitude bound at any position,
+    sqrt(k_i^2 + k_(i+D/2)^2) for both channels of a rotary pair (i, i + D/2).
+
+    RoPE turns each pair by an angle that grows with the position, so one channel's largest
+    |k| over a short calibration text (where the slow pairs have barely turned) is no bound
+    for later positions, while the pair's norm does not change with the angle."""
+    half = k.shape[-1] // 2
+    k = k.astype(jnp.float32)
+    norm = jnp.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)
+    return jnp.concatenate([norm, norm], axis=-1)
+
+
 def kv_absmax(params: dict, config: LlamaConfig, tokens: np.ndarray) -> np.ndarray:
-    """[layers, 2, Hkv, D] the largest |k| (after RoPE) and |v| of each layer, KV head and
-    channel over `tokens` [B, T]."""
+    """[layers, 2, Hkv, D] per layer, KV head and channel over `tokens` [B, T]: the keys' bound
+    at any position (`rotary_pair_norm` after RoPE) and the largest |v|."""
     @jax.jit
     def run(params, tokens):
         found = []
 
         def attend(layer, q, k, v):
-            found.append(jnp.stack([jnp.max(jnp.abs(k), axis=(0, 1)),
+            found.append(jnp.stack([jnp.max(rotary_pair_norm(k), axis=(0, 1)),
                                     jnp.max(jnp.abs(v), axis=(0, 1))]).astype(jnp.float32))
             return _causal_attention(q, k, v)
 

@@ -242,6 +242,25 @@ def test_start_up_reports_tokens_per_gib_for_each_kv_dtype(ckpt):
         engine.capacity_summary)
 
 
+def test_key_scales_bound_every_position_of_a_rotary_pair():
+    """Keys are calibrated per rotary pair: the pair norm is the same at every position, so
+    a scale from one position never clips the same key at another, where one channel's
+    |k| alone would (the pair has turned energy into it)."""
+    from lserve_jax.kv_quant import rotary_pair_norm
+    from models.config import LlamaConfig
+    from models.llama import apply_rope, rope_cos_sin
+
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
+                         num_heads=2, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+    k = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 2, 8)), jnp.float32)
+    turned = [apply_rope(k, *rope_cos_sin(config, jnp.full((1, 1), p))) for p in range(0, 4000, 7)]
+    norms = np.stack([np.asarray(rotary_pair_norm(x)) for x in turned])
+    np.testing.assert_allclose(norms, norms[:1].repeat(len(turned), 0), rtol=1e-5)
+    largest = np.abs(np.stack([np.asarray(x) for x in turned])).max(axis=0)
+    assert (largest <= norms[0] * (1 + 1e-5)).all()  # the bound holds at every position
+    assert (largest > np.abs(np.asarray(turned[0])) * 1.5).any()  # channel max alone: no bound
+
+
 def test_scales_are_calibrated_once_and_stored_beside_the_checkpoint(ckpt):
     path = ckpt / SCALES_FILE
     path.unlink(missing_ok=True)
