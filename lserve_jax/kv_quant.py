@@ -6,7 +6,7 @@ have outlier channels, and per channel their error is about 3x lower on SmolLM2)
 come from a short calibration pass: a causal forward over the shipped book text
 (lserve_jax/data/), per layer, head and channel the keys' bound at any position (the norm of
 the channel's rotary pair, `rotary_pair_norm`: RoPE turns the pair with the position, so one
-channel's own largest |k| over 1,024 tokens clipped 0.3-1.3% of the keys at positions past
+channel's own largest |k| over 1,024 tokens clipped 0.1-1.3% of the keys at positions past
 1,024 on SmolLM2, and 0.005% or less with the pair norm) and the largest |v|, times a margin
 for prompts that reach further (values beyond it are clipped, never wrapped:
 pallas_kernels/quant.py). They also serve `kv_cache_dtype="int4"` as per-channel smoothing
