@@ -21,8 +21,8 @@ does); --variants picks some (default: all, the shipped one first). Every record
 knob (None where dense attention has no such knob). Dense: `decode_attention(...,
 selected=None)` in dense mode, every page of all 8 KV heads, measured first at each shape.
 
-KV cache dtypes (--kv-cache-dtypes, default auto): "auto" pages in the model's dtype; "int8"
-and "int4" quantized pages (pallas_kernels/quant.py) that the kernel dequantizes in registers,
+KV cache dtypes (--kv-cache-dtypes, default auto): "auto" pages in the model's dtype; "int8",
+"fp8" and "int4" quantized pages (pallas_kernels/quant.py) that the kernel dequantizes in registers,
 with the key statistics still in the model's dtype. Every config runs once per KV dtype;
 `speedup_vs_auto_kv` is over the same config with "auto" pages in this run.
 
@@ -176,8 +176,8 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     pool as after a long run of allocations and releases. Every pool is filled with
     normal(0, 1) keys/values; the key statistics (LServe mode) are the max/min of those keys
     per logical page, so the selector's bounds are consistent with what attention reads.
-    A quantized cache stores those values quantized (int8 with the static `KV_SCALE`, int4
-    per token with smoothing factors 1). `seq_lens` is set to `context`; the selector's clock
+    A quantized cache stores those values quantized (int8 and fp8 with the static
+    `KV_SCALE`, int4 per token with smoothing factors 1). `seq_lens` is set to `context`; the selector's clock
     starts at 0 with no stored selection.
     """
     pages_per_seq = -(-capacity // PAGE_SIZE)
@@ -220,8 +220,9 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
 @functools.partial(jax.jit, static_argnames=("name", "kv_cache_dtype"))
 def _stored(name: str, x: jax.Array, kv_cache_dtype: str) -> dict:
     """A pool's arrays holding x [H, P, S, D] as a cache of `kv_cache_dtype` stores it."""
-    if kv_cache_dtype == "int8":
-        return {name: quant.quantize_int8(x, KV_SCALE)}
+    if kv_cache_dtype in ("int8", "fp8"):
+        scale = quant.static_scale(kv_cache_dtype, jnp.float32(KV_SCALE))
+        return {name: quant.quantize_scaled(x, scale, quant.pool_dtype(kv_cache_dtype))}
     if kv_cache_dtype == "int4":
         packed, scale, zero = quant.quantize_int4(x)
         return {name: packed, f"{name}_scale": jnp.stack([scale, zero], axis=-1)}
@@ -265,7 +266,7 @@ def _steps(cache, qs, new_kv, lengths, *, attention, batch, rotation):
 
 def token_bytes(kv_cache_dtype: str, itemsize: int, head_dim: int = HEAD_DIM) -> int:
     """K and V bytes of one token of one KV head (int4: with its scale and zero point)."""
-    return {"int8": 2 * head_dim, "int4": 2 * (head_dim // 2 + 4)}.get(
+    return {"int8": 2 * head_dim, "fp8": 2 * head_dim, "int4": 2 * (head_dim // 2 + 4)}.get(
         kv_cache_dtype, 2 * head_dim * itemsize)
 
 

@@ -59,7 +59,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                         help="auto: the model's dtype; int8: static scales per layer, KV head "
                         "and channel (calibrated once, stored beside the checkpoint); int4: "
-                        "a scale and zero point per token and KV head, two values a byte")
+                        "a scale and zero point per token and KV head, two values a byte; "
+                        "fp8: float8 e4m3 with the int8 scales stretched to its range")
     engine.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default=None,
                         help="auto: the model's dtype; int8: every layer's linear weights "
                         "quantized per output channel (embedding and LM head stay float)")

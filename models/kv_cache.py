@@ -38,7 +38,7 @@ l, in KV-head order; in dense mode every head is a dense head):
 
 Quantized pools (`KVCacheSpec.kv_cache_dtype`, pallas_kernels/quant.py) keep the page layout:
 
-    int8                k[l], v[l], sk[l], sv[l] int8 [H, P, S, D];
+    int8, fp8           k[l], v[l], sk[l], sv[l] int8 (float8_e4m3fn) [H, P, S, D];
                         k_scale[l], v_scale[l] (sk_scale, sv_scale) float32 [H, D]: the static
                         scale of each (KV head of the pool, channel)
     int4                k[l], ... uint8 [H, P, S, D / 2], two channels per byte;
@@ -111,10 +111,11 @@ class KVCache:
 
     @property
     def kv_cache_dtype(self) -> str:
-        """"auto" (floats), "int8" or "int4", read off the pools."""
+        """"auto" (floats), "int8", "int4" or "fp8", read off the pools."""
         if not self.quantized:
             return "auto"
-        return "int4" if self.k[0].dtype == jnp.uint8 else "int8"
+        return {jnp.dtype(jnp.uint8): "int4", jnp.dtype(jnp.int8): "int8"}.get(
+            jnp.dtype(self.k[0].dtype), "fp8")
 
     def pool(self, name: str, layer: int) -> tuple:
         """One layer's (keys, values) of the dense ("k") or streaming ("sk") pool, with
@@ -356,14 +357,15 @@ def init_cache(spec: KVCacheSpec) -> KVCache:
 
 def _scales(spec: KVCacheSpec, dense: list[int], stream_pages: int) -> dict:
     """The per-layer scale arrays of a quantized cache, split by pool (empty tuples
-    otherwise): int8 the static scales; int4 zeroed per-token (scale, zero) pairs and the
-    static smoothing factors."""
+    otherwise): int8 and fp8 the static scales; int4 zeroed per-token (scale, zero) pairs and
+    the static smoothing factors."""
     if spec.kv_cache_dtype == "auto":
         return {}
     out = {}
     for i, kind in enumerate("kv"):
-        full = [jnp.asarray(pair[i], jnp.float32) for pair in spec.kv_scales]  # [Hkv, D]
-        static = f"{kind}_scale" if spec.kv_cache_dtype == "int8" else f"{kind}_smooth"
+        full = [quant.static_scale(spec.kv_cache_dtype, jnp.asarray(pair[i], jnp.float32))
+                for pair in spec.kv_scales]  # [Hkv, D]
+        static = f"{kind}_smooth" if spec.kv_cache_dtype == "int4" else f"{kind}_scale"
         out[static] = tuple(x[jnp.asarray(spec.dense_heads(l), jnp.int32)]
                             for l, x in enumerate(full))
         if spec.has_streaming:
@@ -476,15 +478,15 @@ def token_pages(cache: KVCache, slots: jax.Array, positions: jax.Array,
 
 def write_layer(pool: jax.Array, pages: jax.Array, offsets: jax.Array, x: jax.Array,
                 scale: jax.Array | None = None) -> jax.Array:
-    """Scatter new keys or values into one layer's float or int8 pool (quantized with the
-    static `scale` [Hkv, D] when it holds int8, `quant.quantize_int8`).
+    """Scatter new keys or values into one layer's float, int8 or fp8 pool (quantized with
+    the static `scale` [Hkv, D] when it holds int8 or fp8, `quant.quantize_scaled`).
 
     pool [Hkv, P, S, D]; pages, offsets [B, T]; x [B, T, Hkv, D] -> pool.
     """
     # [B, T, Hkv, D] -> [Hkv, B, T, D] to line up with pool[:, pages, offsets].
     x = jnp.moveaxis(x, 2, 0)
     if scale is not None:  # [Hkv, D] per head and channel
-        x = quant.quantize_int8(x, scale[:, None, None, :])
+        x = quant.quantize_scaled(x, scale[:, None, None, :], pool.dtype)
     else:
         x = x.astype(pool.dtype)
     return pool.at[:, pages, offsets].set(x)
@@ -495,7 +497,8 @@ def store(pool: jax.Array, scale: jax.Array | None, pages: jax.Array, offsets: j
     """Write x [B, T, Hkv, D] at (pages, offsets) [B, T] of a pool of any KV dtype and
     return (pool, scale): int4 divides by the static `smooth` [Hkv, D] and quantizes each
     token of each head (`quant.quantize_int4`), writing its (scale, zero) pair [Hkv, P, S, 2]
-    beside it; float and int8 pools keep their scale argument (None or the static [Hkv, D])."""
+    beside it; float, int8 and fp8 pools keep their scale argument (None or the static
+    [Hkv, D])."""
     if pool.dtype != jnp.uint8:
         return write_layer(pool, pages, offsets, x, scale), scale
     x = jnp.moveaxis(x, 2, 0).astype(jnp.float32) * (1.0 / smooth[:, None, None, :])
@@ -507,7 +510,7 @@ def store(pool: jax.Array, scale: jax.Array | None, pages: jax.Array, offsets: j
 def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32,
                head_axis: int = 1) -> jax.Array:
     """Gathered pool entries [..., H, ..., D] (heads on `head_axis`) as `dtype`: dequantized
-    with `scale` [H, D] (int8 pools), else cast."""
+    with `scale` [H, D] (int8 and fp8 pools: value * scale), else cast."""
     if scale is None:
         return pages.astype(dtype)
     shape = [1] * pages.ndim

@@ -30,10 +30,10 @@ splits with a log-sum-exp merge in plain jnp. Only the real query rows and head-
 the partials are stored (Triton's dot needs at least 16 rows, so q is padded in registers, but
 the padded rows never reach memory).
 
-Quantized pages (an int8 or int4 KV cache, pallas_kernels/quant.py) are read as they are
+Quantized pages (an int8, fp8 or int4 KV cache, pallas_kernels/quant.py) are read as they are
 stored and dequantized in registers; the algebra keeps the page loop as cheap as for floats.
-A static per-channel factor f of the keys (int8 scales, int4 smoothing factors) moves onto
-the query, q . (k * f) = (q * f) . k, and one of the values onto the output, so int8 pages
+A static per-channel factor f of the keys (int8 / fp8 scales, int4 smoothing factors) moves onto
+the query, q . (k * f) = (q * f) . k, and one of the values onto the output, so 8-bit pages
 enter the dots as plain integers converted to q's dtype. An int4 token carries its own scale
 a and zero point z: its logit is a * (q . n) + z * sum(q) for the nibbles n, and its value
 weight p contributes (p * a) n + p * z, so the nibbles also enter the dots unscaled.
@@ -106,7 +106,7 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
     count_ref [] int32 live entries of this list; source_ref [2] int32 (pool, KV head) of the
     list; pages_ref, lo_ref, hi_ref [K] int32; q_ref [Gp, Dp]; then per pool its page refs
     (whole pools: Triton blocks are only pointers, nothing is copied; the page is gathered by
-    dynamic indices below): k_ref, v_ref [Hpool, P, S, Dp] for "float" and "int8" pages,
+    dynamic indices below): k_ref, v_ref [Hpool, P, S, Dp] for "float" and "scaled" pages,
     plus the (scale, zero) refs km_ref, vm_ref [Hpool, P, S, 2] for "int4" pages, whose
     k_ref, v_ref hold [Hpool, P, S, Dp / 2] bytes; then o_ref [Gp, Dp] f32 (unnormalised),
     m_ref, l_ref [Gp] f32 (running max in log2 units, sum of exponentials). Only rows < `rows`
@@ -302,7 +302,7 @@ def gather_pages(pool, heads, pages):
 def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None, *,
                                       sources, sm_scale=None):
     """Plain-jnp reference and CPU path: same contract as `pooled_decode_attention` (float,
-    int8 and int4 pools); quantized pages are dequantized to f32 after the gather.
+    int8, fp8 and int4 pools); quantized pages are dequantized to f32 after the gather.
 
     For each pool, one gather of the pages its lists name ([B, Hlists, K, S, D], the keys
     actually attended) and a masked f32 softmax over all K * S slots; no loop over B or K.
@@ -331,7 +331,7 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
                       for m in pool[2:4])
             k = quant.dequantize_int4(k, km[..., 0], km[..., 1]) * pick(pool[4])
             v = quant.dequantize_int4(v, vm[..., 0], vm[..., 1]) * pick(pool[5])
-        elif len(pool) == 4:  # int8 pages and their scales [Hpool, D]
+        elif len(pool) == 4:  # int8 or fp8 pages and their scales [Hpool, D]
             k = k.astype(jnp.float32) * pick(pool[2])
             v = v.astype(jnp.float32) * pick(pool[3])
         n = num_entries_cap * page_size
@@ -358,16 +358,20 @@ def _one_pool_sources(num_lists: int, num_kv_heads: int) -> tuple[tuple[int, int
     return tuple((0, h // group) for h in range(num_lists))
 
 
-KV_FORMATS = {2: "float", 4: "int8", 6: "int4"}  # by the length of a pool tuple
+# By the length of a pool tuple: float pages; "scaled" 8-bit pages (int8 or float8_e4m3fn) with
+# static per-channel scales; int4 pages with per-token scales and zero points.
+KV_FORMATS = {2: "float", 4: "scaled", 6: "int4"}
+_SCALED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def _kv_format(pools) -> str:
-    """"float", "int8" or "int4": what every pool holds (one format per call)."""
+    """"float", "scaled" or "int4": what every pool holds (one format per call)."""
     formats = {KV_FORMATS.get(len(pool)) for pool in pools}
     if None in formats or len(formats) != 1:
-        raise ValueError("every pool must be (k, v) float pages, (k, v, k_scale, v_scale) int8 "
-                         "pages or (k, v, k_meta, v_meta, k_smooth, v_smooth) int4 pages, all "
-                         f"of one kind; got tuples of lengths {[len(p) for p in pools]}")
+        raise ValueError("every pool must be (k, v) float pages, (k, v, k_scale, v_scale) "
+                         "int8 or fp8 pages or (k, v, k_meta, v_meta, k_smooth, v_smooth) "
+                         "int4 pages, all of one kind; got tuples of lengths "
+                         f"{[len(p) for p in pools]}")
     return formats.pop()
 
 
@@ -398,18 +402,19 @@ def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
                              f"{q.shape=} {k_pages.shape=}")
         if k_pages.shape[2] != page_size:
             raise ValueError(f"all pools must share one page size; got {k_pages.shape=}")
-        want = {"float": q.dtype, "int8": jnp.int8, "int4": jnp.uint8}[kv_format]
-        if not (k_pages.dtype == v_pages.dtype == want):
+        want = {"float": (jnp.dtype(q.dtype),), "scaled": _SCALED_DTYPES,
+                "int4": (jnp.dtype(jnp.uint8),)}[kv_format]
+        if not (k_pages.dtype == v_pages.dtype and jnp.dtype(k_pages.dtype) in want):
             raise ValueError(f"q, k_pages, v_pages must share one of float32/bfloat16/float16 "
-                             f"({kv_format} pages: {jnp.dtype(want).name}); got {q.dtype=} "
-                             f"{k_pages.dtype=} {v_pages.dtype=}")
+                             f"({kv_format} pages: {' or '.join(w.name for w in want)}); got "
+                             f"{q.dtype=} {k_pages.dtype=} {v_pages.dtype=}")
         hpool = k_pages.shape[0]
         if kv_format == "int4":
             for meta in pool[2:4]:
                 if meta.shape != k_pages.shape[:3] + (2,):
                     raise ValueError(f"int4 (scale, zero) pairs must be {k_pages.shape[:3] + (2,)}"
                                      f" [Hpool, P, S, 2]; got {meta.shape}")
-        for factor in pool[2:4] if kv_format == "int8" else pool[4:6]:
+        for factor in pool[2:4] if kv_format == "scaled" else pool[4:6]:
             if factor.shape != (hpool, d):
                 raise ValueError(f"{kv_format} per-channel factors must be [Hpool={hpool}, "
                                  f"D={d}]; got {factor.shape}")
@@ -460,9 +465,9 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
       q: [B, H, G, D] float32, bfloat16 or float16. H page lists, G query rows sharing each list.
       pools: one or two pool tuples of one kind (pools may differ in Hpool and P, not in S or
         D). Page 0 of each pool is its null page. Float pages: (k_pages, v_pages), each
-        [Hpool, P, S, D] in q's dtype. int8 pages (pallas_kernels/quant.py): (k_pages, v_pages,
-        k_scale, v_scale), pages int8 [Hpool, P, S, D], static scales [Hpool, D] per (head,
-        channel), read as page * scale. int4 pages: (k_pages, v_pages, k_meta, v_meta,
+        [Hpool, P, S, D] in q's dtype. int8 or fp8 pages (pallas_kernels/quant.py): (k_pages,
+        v_pages, k_scale, v_scale), pages int8 or float8_e4m3fn [Hpool, P, S, D], static scales
+        [Hpool, D] per (head, channel), read as page * scale. int4 pages: (k_pages, v_pages, k_meta, v_meta,
         k_smooth, v_smooth), pages uint8 [Hpool, P, S, D / 2] (two channels a byte, low
         nibble first), a (scale, zero) pair per token [Hpool, P, S, 2], smoothing factors
         [Hpool, D], read as (nibble * scale + zero) * smooth.
@@ -507,9 +512,9 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
     out_dtype = q.dtype
     v_factor = None
     if kv_format != "float":
-        # Static per-channel factors (int8 scales, int4 smoothing) leave the page loop: a key
+        # Static per-channel factors (8-bit scales, int4 smoothing) leave the page loop: a key
         # factor scales q (q . (k * f) = (q * f) . k), a value factor the output.
-        first = 2 if kv_format == "int8" else 4
+        first = 2 if kv_format == "scaled" else 4
         k_factor = _per_list(pools, sources, first)  # [H, D]
         v_factor = _per_list(pools, sources, first + 1)
         q = (q.astype(jnp.float32) * k_factor[None, :, None, :]).astype(q.dtype)

@@ -1,14 +1,18 @@
 """KV-cache quantization: the arithmetic that writes quantize with and reads dequantize with.
 
-Two formats (LServe §5 runs an 8-bit KV cache with per-tensor static scales, as QServe's
+Three formats (LServe §5 runs an 8-bit KV cache with per-tensor static scales, as QServe's
 checkpoints do; its paper also offers 4 bits):
 
 - int8: symmetric with static scales (from a calibration pass or given by the user): one per
   (KV head, channel) of each layer's K and V (a single per-tensor scale, LServe's and QServe's
   choice, is the case of equal entries; a scale per head and channel lowers the keys' error
   about 3x on SmolLM2, whose keys have outlier channels): q = clip(round(x * (1 / scale)),
-  -127, 127) as int8, and x ~ q * scale. Values beyond 127 scales are clipped, never wrapped; -128 is not used, so the
-  range is symmetric.
+  -127, 127) as int8, and x ~ q * scale. Values beyond 127 scales are clipped, never wrapped;
+  -128 is not used, so the range is symmetric.
+- fp8: float8 e4m3 (finite, max 448; Hopper converts it natively) with the same static scales
+  stretched to its range: x * (1 / scale), scale = int8 scale * 127 / 448, clipped to +-448
+  and rounded to the nearest e4m3 (3 mantissa bits: a relative step of 1/8 to 1/16 wherever
+  the value lies, where int8's step is one scale everywhere).
 - int4: asymmetric per (token, KV head) over the head_dim channels, with a 16-bit (float16)
   scale and zero point: scale = (max - min) / 15, zero = min (both rounded to float16 first, so
   writer and reader use the same values), q = clip(round((x - zero) / scale), 0, 15), two
@@ -24,15 +28,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KV_CACHE_DTYPES = ("auto", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8")
 INT8_MAX = 127
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = jnp.float8_e4m3fn
 INT4_LEVELS = 15  # q in [0, 15]
 
 
 def pool_dtype(kv_cache_dtype: str, dtype=jnp.float32):
-    """What a pool of `kv_cache_dtype` holds: int8, uint8 (two int4 values a byte), or the
-    model's float `dtype` for "auto"."""
-    return jnp.dtype({"int8": jnp.int8, "int4": jnp.uint8}.get(kv_cache_dtype, dtype))
+    """What a pool of `kv_cache_dtype` holds: int8, uint8 (two int4 values a byte),
+    float8_e4m3fn, or the model's float `dtype` for "auto"."""
+    return jnp.dtype({"int8": jnp.int8, "int4": jnp.uint8, "fp8": FP8_DTYPE}.get(
+        kv_cache_dtype, dtype))
+
+
+def static_scale(kv_cache_dtype: str, int8_scale: jax.Array) -> jax.Array:
+    """The static per-channel scale a pool of `kv_cache_dtype` stores with ("int8" or "fp8"),
+    from the calibrated int8 scale (absmax / 127): fp8 stretches it to e4m3's range."""
+    if kv_cache_dtype == "fp8":
+        return int8_scale * (INT8_MAX / FP8_MAX)
+    return int8_scale
+
+
+def quantize_scaled(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """x * (1 / scale) stored as `dtype`: int8 (`quantize_int8`) or float8_e4m3fn (clipped to
+    +-448, rounded to the nearest e4m3)."""
+    if jnp.dtype(dtype) == jnp.int8:
+        return quantize_int8(x, scale)
+    inverse = 1.0 / jnp.asarray(scale, jnp.float32)
+    return jnp.clip(x.astype(jnp.float32) * inverse, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, head_dim: int) -> str:

@@ -52,7 +52,7 @@ def fill(cache, rng, lengths):
 
 def dequantized(q, f):
     """The float cache `f` holding the values the quantized cache `q` stores."""
-    if q.kv_cache_dtype == "int8":
+    if q.kv_cache_dtype in ("int8", "fp8"):
         k = quant.dequantize_int8(q.k[0], q.k_scale[0][:, None, None, :])
         v = quant.dequantize_int8(q.v[0], q.v_scale[0][:, None, None, :])
     else:
@@ -63,7 +63,7 @@ def dequantized(q, f):
                      kmax=q.kmax, kmin=q.kmin)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp8"])
 def test_writes_quantize_and_statistics_stay_exact(dtype):
     f, q = caches(dtype)
     lengths = [5, 17, 33]
@@ -80,6 +80,12 @@ def test_writes_quantize_and_statistics_stay_exact(dtype):
         np.testing.assert_array_equal(np.asarray(q.v[0]),
                                       np.asarray(quant.quantize_int8(f.v[0], 0.03)))
         assert np.abs(np.asarray(q.k[0])).max() == 127
+    elif dtype == "fp8":  # the int8 scales stretched by 127 / 448 (clipped at 448: |k| > 7.1)
+        assert q.k[0].dtype == jnp.float8_e4m3fn
+        for pool, x, scale in ((q.k[0], f.k[0], 0.02), (q.v[0], f.v[0], 0.03)):
+            want = quant.quantize_scaled(x, scale * 127 / 448, jnp.float8_e4m3fn)
+            np.testing.assert_array_equal(np.asarray(pool, np.float32),
+                                          np.asarray(want, np.float32))
     else:
         assert q.k[0].dtype == jnp.uint8 and q.k[0].shape == (2, 20, 8, 4)
         assert q.k_scale[0].dtype == jnp.float16 and q.k_scale[0].shape == (2, 20, 8, 2)
@@ -101,7 +107,7 @@ def test_writes_quantize_and_statistics_stay_exact(dtype):
     np.testing.assert_array_equal(np.asarray(pick(q)), np.asarray(pick(f)))
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp8"])
 def test_ring_overwrites_carry_their_own_scales(dtype):
     """Streaming heads' ring pages are overwritten as a sequence passes its window: every slot
     of the quantized streaming pool holds exactly the quantized form of what the float pool's
@@ -128,8 +134,9 @@ def test_ring_overwrites_carry_their_own_scales(dtype):
         f, q = write(f, **args), write(q, **args)
     for name in ("sk", "sv"):
         x, stored = getattr(f, name)[0], getattr(q, name)[0]  # [1, P, S, D], a stream head
-        if dtype == "int8":
-            want = quant.quantize_int8(x, getattr(q, name + "_scale")[0][:, None, None])
+        if dtype != "int4":
+            want = quant.quantize_scaled(x, getattr(q, name + "_scale")[0][:, None, None],
+                                         quant.pool_dtype(dtype))
             np.testing.assert_array_equal(np.asarray(stored), np.asarray(want))
             continue
         packed, scale, zero = quant.quantize_int4(
@@ -142,7 +149,7 @@ def test_ring_overwrites_carry_their_own_scales(dtype):
         np.testing.assert_array_equal(meta[..., 1][held], np.asarray(zero)[held])
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_decode_reads_dequantized_pages(dtype, ragged):
     """Decode over a quantized cache equals decode over a float cache holding the dequantized
@@ -208,10 +215,10 @@ def engine_results(ckpt, tmp_path, mode, dtype):
 
 # Largest log-probability gap of the same token between the runs, and of the two runs'
 # choices under the float run where they first differ (a quantized cache may flip a near tie).
-GAP = {"int8": 0.05, "int4": 0.15}
+GAP = {"int8": 0.05, "int4": 0.15, "fp8": 0.1}
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("mode", ["dense", "lserve"])
 def test_quantized_kv_engine_stays_close_to_the_float_cache(ckpt, tmp_path, mode, dtype):
     if mode not in FLOAT_RUNS:

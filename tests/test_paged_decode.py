@@ -97,14 +97,17 @@ reference = jax.jit(paged_decode_attention_reference, static_argnames=("sm_scale
 
 
 def quantize_pools(k_pages, v_pages, kv_format, seed=0):
-    """Float pools as an int8 or int4 pool tuple (the formats of `pooled_decode_attention`),
-    with random per-(head, channel) factors: int8 scales, int4 smoothing factors."""
+    """Float pools as an int8, fp8 or int4 pool tuple (the formats of
+    `pooled_decode_attention`), with random per-(head, channel) factors: int8 / fp8 scales,
+    int4 smoothing factors."""
     rng = np.random.default_rng(seed)
     heads, d = k_pages.shape[0], k_pages.shape[3]
-    if kv_format == "int8":  # about 4 standard deviations of N(0, 1) at 127 (some clip)
-        ks, vs = (jnp.asarray(rng.uniform(0.02, 0.04, (heads, d)), jnp.float32) for _ in "kv")
-        return (quant.quantize_int8(k_pages, ks[:, None, None]),
-                quant.quantize_int8(v_pages, vs[:, None, None]), ks, vs)
+    if kv_format in ("int8", "fp8"):  # about 4 standard deviations of N(0, 1) at 127 (or 448)
+        ks, vs = (quant.static_scale(kv_format, jnp.asarray(rng.uniform(0.02, 0.04, (heads, d)),
+                                                            jnp.float32)) for _ in "kv")
+        dtype = quant.pool_dtype(kv_format)
+        return (quant.quantize_scaled(k_pages, ks[:, None, None], dtype),
+                quant.quantize_scaled(v_pages, vs[:, None, None], dtype), ks, vs)
     ks, vs = (jnp.asarray(rng.uniform(0.5, 2.0, (heads, d)), jnp.float32) for _ in "kv")
     kp, ka, kz = quant.quantize_int4(k_pages.astype(jnp.float32) / ks[:, None, None])
     vp, va, vz = quant.quantize_int4(v_pages.astype(jnp.float32) / vs[:, None, None])
@@ -135,7 +138,7 @@ def test_reference_matches_brute_force(group, per_query_head, page_size, head_di
     assert_close(reference(*case, sm_scale=0.3), brute_force(*case, sm_scale=0.3), jnp.float32)
 
 
-@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+@pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
 def test_reference_reads_quantized_pages(kv_format):
     """The XLA path over int8 / int4 pages equals brute force over their dequantized values."""
     q, k, v, pages, lo, hi = make_case(15, batch=3, group=2, head_dim=16, page_size=8)
@@ -319,7 +322,7 @@ class TestKernel:
         self.check(case, jnp.float32, num_splits=16, sm_scale=0.2)
 
 
-    @pytest.mark.parametrize("kv_format", ["int8", "int4"])
+    @pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
     @pytest.mark.parametrize("group,per_query_head,head_dim,num_splits,dtype", [
         (4, False, 64, 2, jnp.float32),
         (2, True, 8, None, jnp.float32),  # head_dim padded in the kernel (int4: 4 -> 8 bytes)
@@ -343,7 +346,7 @@ class TestKernel:
         assert_close(out, run("xla"), dtype)
         np.testing.assert_array_equal(np.asarray(out[self.batch - 1, 0], np.float32), 0.0)
 
-    @pytest.mark.parametrize("kv_format", ["int8", "int4"])
+    @pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
     def test_quantized_two_pools_and_poisoned_scales(self, kv_format):
         """Dense and streaming lists over quantized pools in one launch; int4 (scale, zero)
         pairs of slots no list sees hold NaN (a freed page's leftovers) and change nothing."""
@@ -397,8 +400,8 @@ def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
     counts = jax.ShapeDtypeStruct((2, 8), jnp.int32)
     sources = tuple((h % 2, h // 2 % 2) for h in range(8))
     factor = lambda h: jax.ShapeDtypeStruct((h, head_dim), jnp.float32)  # noqa: E731
-    int8 = lambda h, p: (jax.ShapeDtypeStruct((h, p, 64, head_dim), jnp.int8),) * 2 + (  # noqa
-        factor(h),) * 2
+    scaled = lambda dt: lambda h, p: (  # noqa: E731
+        jax.ShapeDtypeStruct((h, p, 64, head_dim), dt),) * 2 + (factor(h),) * 2
     int4 = lambda h, p: (jax.ShapeDtypeStruct((h, p, 64, head_dim // 2), jnp.uint8),) * 2 + (
         jax.ShapeDtypeStruct((h, p, 64, 2), jnp.float16),) * 2 + (factor(h),) * 2  # noqa
     for traced in (
@@ -407,7 +410,7 @@ def test_kernel_lowers_to_triton(dtype, head_dim, rows, num_splits):
                                       counts, sources=sources, num_splits=num_splits),
         *(pooled_decode_attention.trace(q, (kind(4, 100), kind(2, 15)), ints, ints, ints,
                                         counts, sources=sources, num_splits=num_splits)
-          for kind in (int8, int4)),
+          for kind in (scaled(jnp.int8), scaled(jnp.float8_e4m3fn), int4)),
     ):
         assert "triton" in lower_for_cuda(traced)
 

@@ -52,6 +52,28 @@ def test_int8_rounds_half_to_even_and_never_wraps():
     assert float(quant.int8_scale(254.0)) == 2.0
 
 
+def test_fp8_matches_ml_dtypes_and_clips_to_its_range():
+    """fp8 pages: x / scale rounded to the nearest float8_e4m3fn (as ml_dtypes casts), clipped
+    to +-448 (e4m3fn has no infinity: a plain cast past it would give NaN), with the int8
+    scale stretched by 127 / 448."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(4, 64)) * 20).astype(np.float32)
+    x[0, :3] = [1e6, -1e6, 0.0]
+    scale = np.float32(0.05)
+    got = np.asarray(quant.quantize_scaled(jnp.asarray(x), scale, quant.FP8_DTYPE))
+    assert got.dtype == ml_dtypes.float8_e4m3fn
+    want = np.clip(x * (np.float32(1) / scale), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+    assert got[0, :3].astype(np.float32).tolist() == [448.0, -448.0, 0.0]
+    back = got.astype(np.float32) * scale
+    inside = np.abs(x) <= 448 * scale
+    assert (np.abs(back - x)[inside] <= np.abs(x)[inside] / 16 + 2.0**-9 * scale).all()
+    np.testing.assert_allclose(float(quant.static_scale("fp8", jnp.float32(448.0))), 127.0)
+    assert quant.pool_dtype("fp8") == jnp.float8_e4m3fn
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_int4_round_trip_and_packing_match_numpy(seed):
     rng = np.random.default_rng(seed)

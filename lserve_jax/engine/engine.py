@@ -207,7 +207,8 @@ class Engine:
     numbers or [Hkv][D] lists) or calibrated on the book text and stored beside the
     checkpoint: lserve_jax/kv_quant.py) or "int4" (each token of each head with its own
     float16 scale and zero point, pallas_kernels/quant.py, after dividing each channel by
-    the same calibrated scales, models/kv_cache.py). Writes quantize in the scatter that stores
+    the same calibrated scales, models/kv_cache.py) or "fp8" (float8 e4m3 with the int8
+    scales stretched to its range). Writes quantize in the scatter that stores
     them; decode reads the pages as stored (the Pallas kernel dequantizes in registers).
     `weight_dtype`: "auto" (the model's dtype) or "int8" (every layer's linear weights
     quantized per output channel after loading, models/weight_quant.py; the embedding and LM
