@@ -212,11 +212,12 @@ class KVCacheSpec:
     budget_pages: int | None = None
     selection_lists_per_head: int = 1
     num_window_pages: int = 0  # prefill window pages of the streaming pool (see `KVCache`)
-    # "auto": the pools hold `dtype`; "int8" (static scales), "int4" (per-token scale and zero
-    # point): pallas_kernels/quant.py
+    # "auto": the pools hold `dtype`; "int8" and "fp8" (static scales), "int4" (per-token scale
+    # and zero point): pallas_kernels/quant.py
     kv_cache_dtype: str = "auto"
     # per layer (k scale, v scale), each one float or [num_kv_heads][head_dim] floats (one per
-    # head and channel), normalized to the nested form: int8's scales, int4's smoothing factors
+    # head and channel), normalized to the nested form: int8's scales (fp8 stretches them to
+    # its range), int4's smoothing factors
     kv_scales: tuple | None = None
 
     def __post_init__(self):
