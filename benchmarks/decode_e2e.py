@@ -2,7 +2,7 @@
 
     python benchmarks/decode_e2e.py [--out PATH.jsonl] [--plot PATH.png] [--contexts 32768 ...]
                                     [--modes dense lserve] [--small]
-                                    [--kv-cache-dtypes auto int8 int4] [--weight-dtypes auto int8]
+                                    [--quant auto:auto,int8:int8]
 
 GPU: a Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV heads, D=128,
 intermediate 14336, vocab 128256) with random bf16 weights, batch 1, contexts 32K..256K, our
@@ -23,12 +23,12 @@ distinct memory, so consecutive steps do not find each other's pages in L2. --mo
 modes run and in which order (default dense, then LServe); whichever of the two runs second
 carries the speed-up (`speedup_vs_dense` on LServe, `lserve_speedup_vs_dense` on dense).
 
-Quantization: every (weight dtype, KV cache dtype) pair of --weight-dtypes x --kv-cache-dtypes
-(default auto x auto) runs every mode. int8 weights (models/weight_quant.py: every layer's
-linear weights per output channel; embedding and LM head in the model dtype) have their own
-weight floor; int8 / int4 KV pages (pallas_kernels/quant.py) shrink the KV bytes. A record's
+Quantization: every mode runs with every KV-cache:weight dtype pair of --quant (the syntax of
+`python -m lserve_jax.eval`; default auto:auto), the pairs inside each mode. int8 weights
+(models/weight_quant.py: every layer's linear weights per output channel; embedding and LM
+head in the model dtype) have their own weight floor; int8 / fp8 / int4 KV pages (pallas_kernels/quant.py) shrink the KV bytes. A record's
 `speedup_vs_auto` is over the same mode with float weights and KV in this run; the speed-up
-over dense pairs records of one (weight, KV) pair.
+over dense pairs records of one (KV, weight) pair.
 
 Timing: one call compiles and warms up, then blocks of 8 steps (two selection periods) are timed
 from the first dispatch to the last step's result; ms per token = median over blocks / 8.
@@ -77,8 +77,8 @@ from models import llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 from models.params import init_params  # noqa: E402
-from models.weight_quant import WEIGHT_DTYPES, quantize_params, weight_bytes  # noqa: E402
-from pallas_kernels.quant import KV_CACHE_DTYPES  # noqa: E402
+from lserve_jax.eval import parse_quant  # noqa: E402
+from models.weight_quant import quantize_params, weight_bytes  # noqa: E402
 
 LLAMA3_8B = dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                  intermediate_size=14336, vocab_size=128256)
@@ -161,10 +161,10 @@ def time_decode(params, cache, config, attention, on_gpu):
     return 1e3 * statistics.median(times) / STEPS_PER_BLOCK, compile_s, len(times)
 
 
-def run_context(context, modes, weights, kv_dtypes, config, on_gpu, meta):
-    """Time each mode at one context, in the order of `modes`, for every (weight dtype, KV
-    cache dtype) pair; `weights` maps a weight dtype to (params, its meta: weight bytes and
-    floor). Yields one record per measurement as soon as it is measured."""
+def run_context(context, modes, pairs, weights, config, on_gpu, meta):
+    """Time each mode at one context, in the order of `modes`, with each (KV cache dtype,
+    weight dtype) of `pairs`; `weights` maps a weight dtype to (params, its meta: weight bytes
+    and floor). Yields one record per measurement as soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
     impl = "pallas" if on_gpu else "xla"
@@ -174,50 +174,49 @@ def run_context(context, modes, weights, kv_dtypes, config, on_gpu, meta):
     fraction = num_streaming_heads(SPARSITY.static_sparsity, num_kv) / num_kv
     # Room for the warm-up step and every timed block.
     capacity = context + STEPS_PER_BLOCK * MAX_BLOCKS[on_gpu] + 1
-    float_ms = {}  # mode -> ms with float weights and KV
-    for weight_dtype, (params, wmeta) in weights.items():
-        for kv_dtype in kv_dtypes:
-            measured = {}
-            for mode in modes:
-                attention = attentions[mode]
-                rec = dict(meta, **wmeta, context=context, mode=mode, impl=impl, batch=1,
-                           weight_dtype=weight_dtype, kv_cache_dtype=kv_dtype,
-                           steps_per_block=STEPS_PER_BLOCK, **knob_fields(attention, fraction))
-                need = cache_bytes(config, attention, capacity, itemsize, kv_dtype)
-                if need + wmeta["weight_bytes"] > MEMORY_CAP_BYTES:
-                    yield dict(rec, status="skipped", error=f"cache needs {need / 2**30:.0f} GiB")
-                    continue
-                try:
-                    cache = random_cache(config, attention, batch=1, context=context,
-                                         capacity=capacity, dtype=dtype, seed=context,
-                                         kv_cache_dtype=kv_dtype)
-                    ms, compile_s, blocks = time_decode(params, cache, config, attention, on_gpu)
-                    del cache
-                except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs
-                    status = ("skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e)
-                              else "failed")
-                    yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-                    continue
-                kv = kv_bytes_per_token(config, attention, context, itemsize, kv_dtype)
-                total = wmeta["weight_bytes"] + kv
-                roofline = total / meta["copy_gbps"] / 1e6
-                rec.update(status="ok", ms_per_token=round(ms, 3),
-                           tokens_per_s=round(1e3 / ms, 2), compile_s=round(compile_s, 1),
-                           timed_blocks=blocks, kv_bytes_per_token=int(kv),
-                           achieved_gbps=round(total / ms / 1e6, 2),
-                           fraction_of_copy_bw=round(total / ms / 1e6 / meta["copy_gbps"], 3),
-                           ours_over_floor=round(ms / wmeta["floor_ms"], 3),
-                           roofline_ms=round(roofline, 3),
-                           ours_over_roofline=round(ms / roofline, 3))
-                measured[mode] = ms
-                if len(measured) == 2:
-                    key = "speedup_vs_dense" if mode == "lserve" else "lserve_speedup_vs_dense"
-                    rec[key] = round(measured["dense"] / measured["lserve"], 3)
-                if (weight_dtype, kv_dtype) == ("auto", "auto"):
-                    float_ms[mode] = ms
-                elif mode in float_ms:
-                    rec["speedup_vs_auto"] = round(float_ms[mode] / ms, 3)
-                yield rec
+    measured = {}  # (mode, kv dtype, weight dtype) -> ms per token
+    for mode in modes:
+        for kv_dtype, weight_dtype in pairs:
+            params, wmeta = weights[weight_dtype]
+            attention = attentions[mode]
+            rec = dict(meta, **wmeta, context=context, mode=mode, impl=impl, batch=1,
+                       weight_dtype=weight_dtype, kv_cache_dtype=kv_dtype,
+                       steps_per_block=STEPS_PER_BLOCK, **knob_fields(attention, fraction))
+            need = cache_bytes(config, attention, capacity, itemsize, kv_dtype)
+            if need + wmeta["weight_bytes"] > MEMORY_CAP_BYTES:
+                yield dict(rec, status="skipped", error=f"cache needs {need / 2**30:.0f} GiB")
+                continue
+            try:
+                cache = random_cache(config, attention, batch=1, context=context,
+                                     capacity=capacity, dtype=dtype, seed=context,
+                                     kv_cache_dtype=kv_dtype)
+                ms, compile_s, blocks = time_decode(params, cache, config, attention, on_gpu)
+                del cache
+            except Exception as e:  # noqa: BLE001 - record OOMs and unsupported configs
+                status = ("skipped" if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e)
+                          else "failed")
+                yield dict(rec, status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            kv = kv_bytes_per_token(config, attention, context, itemsize, kv_dtype)
+            total = wmeta["weight_bytes"] + kv
+            roofline = total / meta["copy_gbps"] / 1e6
+            rec.update(status="ok", ms_per_token=round(ms, 3),
+                       tokens_per_s=round(1e3 / ms, 2), compile_s=round(compile_s, 1),
+                       timed_blocks=blocks, kv_bytes_per_token=int(kv),
+                       achieved_gbps=round(total / ms / 1e6, 2),
+                       fraction_of_copy_bw=round(total / ms / 1e6 / meta["copy_gbps"], 3),
+                       ours_over_floor=round(ms / wmeta["floor_ms"], 3),
+                       roofline_ms=round(roofline, 3),
+                       ours_over_roofline=round(ms / roofline, 3))
+            measured[mode, kv_dtype, weight_dtype] = ms
+            other = "dense" if mode == "lserve" else "lserve"
+            if (other, kv_dtype, weight_dtype) in measured:
+                key = "speedup_vs_dense" if mode == "lserve" else "lserve_speedup_vs_dense"
+                ms_by_mode = {mode: ms, other: measured[other, kv_dtype, weight_dtype]}
+                rec[key] = round(ms_by_mode["dense"] / ms_by_mode["lserve"], 3)
+            if (kv_dtype, weight_dtype) != ("auto", "auto") and (mode, "auto", "auto") in measured:
+                rec["speedup_vs_auto"] = round(measured[mode, "auto", "auto"] / ms, 3)
+            yield rec
 
 
 def label(rec) -> str:
@@ -309,10 +308,8 @@ def main():
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="modes to time, in this order")
     parser.add_argument("--small", action="store_true", help="CPU-sized model and contexts")
-    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=KV_CACHE_DTYPES,
-                        default=["auto"], help="KV cache dtypes to time")
-    parser.add_argument("--weight-dtypes", nargs="+", choices=WEIGHT_DTYPES, default=["auto"],
-                        help="weight dtypes to time")
+    parser.add_argument("--quant", type=parse_quant, default=[("auto", "auto")],
+                        help="KV-cache:weight dtype pairs, e.g. auto:auto,int8:int8")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
@@ -341,7 +338,7 @@ def main():
                 dtype=jnp.dtype(dtype).name, copy_gbps=round(bandwidth, 1),
                 copy_gbps_source=source, copy_probe_bytes=probe)
     weights = {}  # weight dtype -> (params, weight bytes read per token and their floor)
-    for weight_dtype in dict.fromkeys(["auto", *args.weight_dtypes]):
+    for weight_dtype in dict.fromkeys(w for _, w in args.quant):
         quantized = quantize_params(params, weight_dtype)
         nbytes = weight_bytes(quantized) - params["embed"].nbytes  # a lookup reads one row
         floor_ms = nbytes / bandwidth / 1e6
@@ -349,15 +346,12 @@ def main():
         print(f"{model}, {jnp.dtype(dtype).name}, {weight_dtype} weights: "
               f"{nbytes / 2**20:.0f} MiB of weights per token, copy bandwidth {bandwidth:.1f} "
               f"GB/s ({source}) -> weight-streaming floor {floor_ms:.2f} ms/token")
-    if "auto" not in args.weight_dtypes:
-        del weights["auto"]
-    kv_dtypes = list(dict.fromkeys(args.kv_cache_dtypes))
 
     records = []
     with out.open("w") as f:
         for t in contexts:
             load = round(os.getloadavg()[0], 2)
-            for rec in run_context(t, modes, weights, kv_dtypes, config, on_gpu, meta):
+            for rec in run_context(t, modes, args.quant, weights, config, on_gpu, meta):
                 emit(records, f, {**rec, "load_avg_1m": load})
     print_table(records, on_gpu)
     png = args.plot or out.with_suffix(".png")

@@ -12,7 +12,8 @@
 #   decode_attention (110 s)  one layer, batch 1: dense and LServe's shipped knobs, 256K and 32K,
 #                       bf16 and int8 KV pages
 #   hlo_counts (40 s)   compiled-HLO counts of a decode step (when benchmarks/hlo_counts.py exists)
-#   decode_e2e (150 s)  Llama-3-8B shape, random bf16 weights, 256K: LServe, then dense
+#   decode_e2e (150 s)  Llama-3-8B shape, random bf16 weights, 256K: LServe, then dense, each
+#                       with float weights and KV, then int8 weights and KV
 #   prefill_attention (50 s)  one prompt length (64K): ours dense and LServe, cuDNN
 #
 # Usage (repo root): OUT=dir [LSERVE_COMMIT=sha] bash benchmarks/gpu_checks.sh [--dry-run]
@@ -60,14 +61,14 @@ export LSERVE_COMMIT
 if (( DRY_RUN )); then
   SMALL=(--small)
   DECODE_ARGS=(--small --contexts 8192 --batches 1 --variants default --kv-cache-dtypes auto int8)
-  E2E_ARGS=(--small --contexts 8192 --modes lserve dense)
+  E2E_ARGS=(--small --contexts 8192 --modes lserve dense --quant auto:auto,int8:int8)
   PREFILL_ARGS=(--small --lengths 512)
 else
   SMALL=()
   # 256K first: the targets are there; dense at each context for the speed-ups.
   DECODE_ARGS=(--contexts 262144 32768 --batches 1 --variants default --kv-cache-dtypes auto int8)
   # LServe first: its ratio to the weight floor needs no dense run.
-  E2E_ARGS=(--contexts 262144 --modes lserve dense)
+  E2E_ARGS=(--contexts 262144 --modes lserve dense --quant auto:auto,int8:int8)
   PREFILL_ARGS=(--lengths 65536)
 fi
 

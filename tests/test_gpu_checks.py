@@ -54,6 +54,11 @@ def test_gpu_checks_dry_run(tmp_path):
                           and r["keep_first_pages"] == shipped.keep_first_pages
                           and r["token_budget"] == shipped.token_budget
                           and r["fraction_of_copy_bw"] > 0 for r in lserve), lserve
+    assert {r["kv_cache_dtype"] for r in decode} == {"auto", "int8"}
+    assert all("speedup_vs_auto_kv" in r for r in decode if r["kv_cache_dtype"] == "int8")
     e2e = _records(out / "decode_e2e.jsonl")
-    assert [r["mode"] for r in e2e] == ["lserve", "dense"]
-    assert "lserve_speedup_vs_dense" in e2e[1] and e2e[0]["ours_over_floor"] > 0
+    assert [(r["mode"], r["kv_cache_dtype"], r["weight_dtype"]) for r in e2e] == [
+        ("lserve", "auto", "auto"), ("lserve", "int8", "int8"), ("dense", "auto", "auto"),
+        ("dense", "int8", "int8")]
+    assert all("lserve_speedup_vs_dense" in r for r in e2e[2:]) and e2e[0]["ours_over_floor"] > 0
+    assert "speedup_vs_auto" in e2e[1] and e2e[1]["floor_ms"] < e2e[0]["floor_ms"]

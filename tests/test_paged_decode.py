@@ -322,11 +322,11 @@ class TestKernel:
         self.check(case, jnp.float32, num_splits=16, sm_scale=0.2)
 
 
-    @pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
-    @pytest.mark.parametrize("group,per_query_head,head_dim,num_splits,dtype", [
-        (4, False, 64, 2, jnp.float32),
-        (2, True, 8, None, jnp.float32),  # head_dim padded in the kernel (int4: 4 -> 8 bytes)
-        (4, False, 128, 3, jnp.bfloat16),
+    @pytest.mark.parametrize("kv_format,group,per_query_head,head_dim,num_splits,dtype", [
+        *((fmt, 4, False, 64, 2, jnp.float32) for fmt in ("int8", "int4")),
+        # head_dim padded in the kernel (int4: 4 -> 8 bytes)
+        *((fmt, 2, True, 8, None, jnp.float32) for fmt in ("int8", "int4")),
+        *((fmt, 4, False, 128, 3, jnp.bfloat16) for fmt in ("int8", "int4", "fp8")),
     ])
     def test_quantized_pages_match_reference(self, kv_format, group, per_query_head, head_dim,
                                              num_splits, dtype):
