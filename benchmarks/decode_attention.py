@@ -177,8 +177,8 @@ def random_cache(config: LlamaConfig, attention: AttentionConfig, *, batch: int,
     normal(0, 1) keys/values; the key statistics (LServe mode) are the max/min of those keys
     per logical page, so the selector's bounds are consistent with what attention reads.
     A quantized cache stores those values quantized (int8 and fp8 with the static
-    `KV_SCALE`, int4 per token with smoothing factors 1). `seq_lens` is set to `context`; the selector's clock
-    starts at 0 with no stored selection.
+    `KV_SCALE`, int4 per token with smoothing factors 1). `seq_lens` is set to `context`; the
+    selector's clock starts at 0 with no stored selection.
     """
     pages_per_seq = -(-capacity // PAGE_SIZE)
     scale = 1.0 if kv_cache_dtype == "int4" else KV_SCALE

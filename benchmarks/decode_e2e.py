@@ -26,9 +26,10 @@ carries the speed-up (`speedup_vs_dense` on LServe, `lserve_speedup_vs_dense` on
 Quantization: every mode runs with every KV-cache:weight dtype pair of --quant (the syntax of
 `python -m lserve_jax.eval`; default auto:auto), the pairs inside each mode. int8 weights
 (models/weight_quant.py: every layer's linear weights per output channel; embedding and LM
-head in the model dtype) have their own weight floor; int8 / fp8 / int4 KV pages (pallas_kernels/quant.py) shrink the KV bytes. A record's
-`speedup_vs_auto` is over the same mode with float weights and KV in this run; the speed-up
-over dense pairs records of one (KV, weight) pair.
+head in the model dtype) have their own weight floor; int8 / fp8 / int4 KV pages
+(pallas_kernels/quant.py) shrink the KV bytes. A record's `speedup_vs_auto` is over the same
+mode with float weights and KV in this run; the speed-up over dense pairs records of one (KV,
+weight) pair.
 
 Timing: one call compiles and warms up, then blocks of 8 steps (two selection periods) are timed
 from the first dispatch to the last step's result; ms per token = median over blocks / 8.

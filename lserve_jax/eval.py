@@ -11,7 +11,7 @@ Two measurements, each over a list of attention settings (dense first, the refer
   Saved as `agreement.json` and `agreement.png`.
 
 Quantization (`--quant KV:W,...`, default `auto:auto`): every setting runs once per pair of KV
-cache dtype (auto, int8, int4: pallas_kernels/quant.py, scales from lserve_jax/kv_quant.py) and
+cache dtype (auto, int8, fp8, int4: pallas_kernels/quant.py, scales from lserve_jax/kv_quant.py) and
 weight dtype (auto, int8: models/weight_quant.py); the reference stays dense attention with the
 model's float KV and weights. A prompt is prefilled once per weight dtype in one shot, whose
 attention reads the fresh keys and values, so a quantized cache is that prefill's keys and
@@ -241,8 +241,9 @@ class Runner:
         for c in range(0, len(inputs), CHUNK):
             sl = slice(c, c + CHUNK)
             cache, prev, a, lp, tlp = _decode_chunk(
-                self.params_for(weight_dtype), cache, jnp.asarray(inputs[None, sl]), jnp.asarray(targets[None, sl]),
-                jnp.asarray(force[sl]), prev, config=self.config, attention=attention)
+                self.params_for(weight_dtype), cache, jnp.asarray(inputs[None, sl]),
+                jnp.asarray(targets[None, sl]), jnp.asarray(force[sl]), prev, config=self.config,
+                attention=attention)
             top1.append(np.asarray(a[0]))
             logp.append(np.asarray(lp[0]))
             top_logp.append(np.asarray(tlp[0]))

@@ -467,10 +467,10 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
         D). Page 0 of each pool is its null page. Float pages: (k_pages, v_pages), each
         [Hpool, P, S, D] in q's dtype. int8 or fp8 pages (pallas_kernels/quant.py): (k_pages,
         v_pages, k_scale, v_scale), pages int8 or float8_e4m3fn [Hpool, P, S, D], static scales
-        [Hpool, D] per (head, channel), read as page * scale. int4 pages: (k_pages, v_pages, k_meta, v_meta,
-        k_smooth, v_smooth), pages uint8 [Hpool, P, S, D / 2] (two channels a byte, low
-        nibble first), a (scale, zero) pair per token [Hpool, P, S, 2], smoothing factors
-        [Hpool, D], read as (nibble * scale + zero) * smooth.
+        [Hpool, D] per (head, channel), read as page * scale. int4 pages: (k_pages, v_pages,
+        k_meta, v_meta, k_smooth, v_smooth), pages uint8 [Hpool, P, S, D / 2] (two channels a
+        byte, low nibble first), a (scale, zero) pair per token [Hpool, P, S, 2], smoothing
+        factors [Hpool, D], read as (nibble * scale + zero) * smooth.
       pages: [B, H, K] int32 physical page ids of the list's pool, any order (keep unused entries
         on the null page: interpret mode and the reference clamp out-of-range ids, a GPU would
         read out of bounds).
