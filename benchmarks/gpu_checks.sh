@@ -61,7 +61,7 @@ export LSERVE_COMMIT
 if (( DRY_RUN )); then
   SMALL=(--small)
   DECODE_ARGS=(--small --contexts 8192 --batches 1 --variants default --kv-cache-dtypes auto int8)
-  E2E_ARGS=(--small --contexts 8192 --modes lserve dense --quant auto:auto,int8:int8)
+  E2E_ARGS=(--small --contexts 4096 --modes lserve dense --quant auto:auto,int8:int8)
   PREFILL_ARGS=(--small --lengths 512)
 else
   SMALL=()

@@ -194,7 +194,8 @@ def test_small_budget_logits_match_decode_reference(params):
     assert (xla != dense).any()  # the sparsity is real on this random model
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("kv_cache_dtype", [
+    "int8", "int4", pytest.param("fp8", marks=pytest.mark.slow)])  # fp8: int8's path, other dtype
 def test_quantized_cache_kernel_equals_reference(params, kv_cache_dtype):
     """On an int8 / int4 cache (both pools quantized), greedy LServe decode through the Pallas
     kernel in interpret mode (pages dequantized in registers) generates the XLA path's tokens

@@ -268,29 +268,3 @@ def test_cli_weight_dtype(text_ckpt, capsys):
     for parser, rest in ((generate._parser(), ["--prompt", "x"]), (serve._parser(), [])):
         args = parser.parse_args(rest + ["--weight-dtype", "int8"])
         assert generate.engine_kwargs(args)["weight_dtype"] == "int8"
-
-
-def test_smollm2_int8_weights_keep_the_float_models_greedy_tokens():
-    """The embedded SmolLM2 (f32) with int8 layer weights on 4 short prompts, 16 greedy
-    tokens. Measured: the leading tokens equal to the float model's are 16, 5, 16 and 3; each
-    run first differs at a near tie of the float model (its top two within 0.11 nats), and
-    while the runs agree the chosen token's log-probability moves by at most 0.15."""
-    prompts = ["The capital of France is", "Once upon a time, in a small village,",
-               "def fibonacci(n):", "The three primary colors are"]
-    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
-    want = LLM(max_num_seqs=4).generate(prompts, sp)
-    llm = LLM(weight_dtype="int8", max_num_seqs=4)
-    got = llm.generate(prompts, sp)
-    assert llm.weight_dtype == "int8" and llm.engine.weight_bytes < 0.45 * 538e6
-    agree = []
-    for a, b in zip(want, got):
-        n = 0
-        for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.outputs[0].logprobs,
-                                  b.outputs[0].logprobs):
-            if ta != tb:
-                assert tb in la and la[ta].logprob - la[tb].logprob < 0.15
-                break
-            assert abs(la[ta].logprob - lb[tb].logprob) < 0.3
-            n += 1
-        agree.append(n)
-    assert agree[0] == agree[2] == 16 and min(agree) >= 3 and sum(agree) >= 40
