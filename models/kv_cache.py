@@ -508,28 +508,16 @@ def store(pool: jax.Array, scale: jax.Array | None, pages: jax.Array, offsets: j
             scale.at[:, pages, offsets].set(jnp.stack([s, z], axis=-1)))
 
 
-def read_pages(pages: jax.Array, scale: jax.Array | None, dtype=jnp.float32,
-               head_axis: int = 1) -> jax.Array:
-    """Gathered pool entries [..., H, ..., D] (heads on `head_axis`) as `dtype`: dequantized
-    with `scale` [H, D] (int8 and fp8 pools: value * scale), else cast."""
-    if scale is None:
-        return pages.astype(dtype)
-    shape = [1] * pages.ndim
-    shape[head_axis], shape[-1] = scale.shape
-    return quant.dequantize_int8(pages, scale.reshape(shape), dtype)
-
-
-def read_pool(pool: tuple, index: int, gather, dtype=jnp.float32, head_axis: int = 1):
+def read_pool(pool: tuple, index: int, gather, head_axis: int = 1) -> jax.Array:
     """Keys (`index` 0) or values (1) of a pool tuple (`KVCache.pool`) at the entries
-    `gather` picks, dequantized to `dtype`. `gather` maps a per-head paged array [H, P, S, X]
-    to its gathered form [..., S, X] with heads on `head_axis` (it is applied to the int4
-    (scale, zero) pairs too, so they follow their tokens)."""
-    x = gather(pool[index])
-    if len(pool) < 6:  # float or int8
-        return read_pages(x, pool[2 + index] if len(pool) == 4 else None, dtype, head_axis)
-    meta = gather(pool[2 + index]).astype(jnp.float32)  # [..., S, 2]
-    out = quant.dequantize_int4(x, meta[..., 0], meta[..., 1])
-    return read_pages(out, pool[4 + index], dtype, head_axis)  # times the smoothing factors
+    `gather` picks, dequantized to f32 (`quant.dequantize_entries`). `gather` maps a per-head
+    paged array [H, P, S, X] to its gathered form [..., S, X] with heads on `head_axis`."""
+    def expand(factor, entries):  # [H, D] onto the entries' head and channel axes
+        shape = [1] * entries.ndim
+        shape[head_axis], shape[-1] = factor.shape
+        return factor.reshape(shape)
+
+    return quant.dequantize_entries(pool, index, gather, expand).astype(jnp.float32)
 
 
 def update_key_stats(kmax: jax.Array, kmin: jax.Array, pages: jax.Array, offsets: jax.Array,

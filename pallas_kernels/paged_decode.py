@@ -318,22 +318,13 @@ def pooled_decode_attention_reference(q, pools, pages, lo, hi, num_entries=None,
         visible &= live[..., None]
     outs, order = [], []
     for p, pool in enumerate(pools):
-        k_pages, v_pages = pool[0], pool[1]
         lists = np.array([h for h, (src, _) in enumerate(sources) if src == p], np.int32)
         if not lists.size:
             continue
         heads = np.array([sources[h][1] for h in lists], np.int32)[None, :, None]  # [1, Hp, 1]
-        k = gather_pages(k_pages, heads, pages[:, lists])  # [B, Hp, K, S, D]
-        v = gather_pages(v_pages, heads, pages[:, lists])
-        pick = lambda scale: scale[heads[0, :, 0]][None, :, None, None, :]  # noqa: E731
-        if len(pool) == 6:  # int4: per-token (scale, zero), then the smoothing factors
-            km, vm = (gather_pages(m, heads, pages[:, lists]).astype(jnp.float32)
-                      for m in pool[2:4])
-            k = quant.dequantize_int4(k, km[..., 0], km[..., 1]) * pick(pool[4])
-            v = quant.dequantize_int4(v, vm[..., 0], vm[..., 1]) * pick(pool[5])
-        elif len(pool) == 4:  # int8 or fp8 pages and their scales [Hpool, D]
-            k = k.astype(jnp.float32) * pick(pool[2])
-            v = v.astype(jnp.float32) * pick(pool[3])
+        gather = lambda x: gather_pages(x, heads, pages[:, lists])  # noqa: E731  [B,Hp,K,S,X]
+        pick = lambda f, _: f[heads[0, :, 0]][None, :, None, None, :]  # noqa: E731
+        k, v = (quant.dequantize_entries(pool, i, gather, pick) for i in (0, 1))
         n = num_entries_cap * page_size
         shape = (batch, lists.size, n, d)
         outs.append(_attend_gathered(q[:, lists], k.reshape(shape), v.reshape(shape),

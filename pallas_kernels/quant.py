@@ -118,6 +118,25 @@ def int8_scale(absmax: jax.Array | float) -> jax.Array:
     return jnp.where(absmax > 0, absmax / INT8_MAX, 1.0)
 
 
+def dequantize_entries(pool: tuple, index: int, gather, expand) -> jax.Array:
+    """Keys (`index` 0) or values (1) of a pool tuple at the entries `gather` picks:
+    quantized pages dequantized to f32, float pages as they are stored.
+
+    pool: (k, v) float pages, (k, v, k_scale, v_scale) int8 or fp8 pages, or (k, v, k_meta,
+    v_meta, k_smooth, v_smooth) int4 pages (the formats `pooled_decode_attention` takes).
+    `gather` maps a per-head paged array [H, P, S, X] to its entries [..., S, X] (it is applied
+    to int4's (scale, zero) pairs too, so they follow their tokens); `expand(factor, entries)`
+    shapes a per-(head, channel) factor [H, D] to broadcast against the entries."""
+    x = gather(pool[index])
+    if len(pool) == 2:
+        return x
+    if len(pool) == 4:
+        return dequantize_int8(x, expand(pool[2 + index], x))
+    meta = gather(pool[2 + index]).astype(jnp.float32)  # [..., S, 2]
+    out = dequantize_int4(x, meta[..., 0], meta[..., 1])
+    return out * expand(pool[4 + index], out).astype(jnp.float32)
+
+
 def quantize_int4(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [..., D] (D even) -> (packed [..., D/2] uint8, scale [...] float16, zero [...]
     float16): asymmetric over the last axis (one token of one head)."""
