@@ -18,7 +18,7 @@ from flax import struct
 
 from lserve_jax.sampling import (SamplingArrays, TokenCounts, add_tokens, sample,
                                  token_logprobs)
-from models import llama
+from models import llama, parallel
 from models.attention import AttentionConfig
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
@@ -104,12 +104,13 @@ def start(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array, 
         index_offset=jnp.zeros((b,), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps", "shard"),
                    donate_argnames=("state",))
 def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: AttentionConfig,
-        num_steps: int) -> DecodeState:
+        num_steps: int, shard: parallel.Shard | None = None) -> DecodeState:
     """Decode up to `num_steps` tokens per row inside one `lax.while_loop`, stopping early when
-    every row is done (stop token or `max_tokens`)."""
+    every row is done (stop token or `max_tokens`). `shard`: one device's part of a
+    tensor-parallel step, inside `shard_map` (models/parallel.py)."""
 
     def cond(carry):
         i, s = carry
@@ -119,7 +120,8 @@ def run(params: dict, state: DecodeState, *, config: LlamaConfig, attention: Att
         i, s = carry
         active = ~s.done
         cache, logits = llama.decode(params, s.cache, s.last_token, s.slots, active,
-                                     config=config, attention=attention, entries=s.entries)
+                                     config=config, attention=attention, entries=s.entries,
+                                     shard=shard)
         token = sample(logits, s.sampling, s.index_offset + s.num_generated, s.stop_ids,
                        s.counts)
         bad = active & _not_finite(logits)

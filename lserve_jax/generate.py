@@ -16,6 +16,7 @@ import sys
 from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
+from models import parallel
 from models.sparsity import PAGE_SELECTIONS
 from models.weight_quant import WEIGHT_DTYPES
 from pallas_kernels.quant import KV_CACHE_DTYPES
@@ -23,7 +24,7 @@ from pallas_kernels.quant import KV_CACHE_DTYPES
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
                 "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching",
-                "kv_cache_dtype", "weight_dtype")
+                "kv_cache_dtype", "weight_dtype", "tensor_parallel_size")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default=None,
                         help="auto: the model's dtype; int8: every layer's linear weights "
                         "quantized per output channel (embedding and LM head stay float)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="devices each layer's heads, MLP and vocabulary are split over "
+                        "(default 1; on the CPU that many host devices are made)")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=None,
                         help="do not share the pages of identical prompt prefixes")
@@ -73,6 +77,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """`LLM` / `Engine` keyword arguments of the flags `add_engine_arguments` added."""
     knobs = {name: getattr(args, name) for name in SparsityConfig.field_names() + ENGINE_KNOBS
              if getattr(args, name) is not None}
+    if (args.tensor_parallel_size or 1) > 1:
+        parallel.request_host_devices(args.tensor_parallel_size)
     return dict(attention=args.attention, dtype=args.dtype, impl=args.impl,
                 verify=args.verify, **knobs)
 

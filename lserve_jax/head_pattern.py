@@ -129,6 +129,55 @@ def streaming_heads_for_model(path: str | Path, static_sparsity: float, num_laye
     return streaming_heads_from_gates(gates, static_sparsity)
 
 
+def balance_for_devices(gates, streaming: tuple[tuple[bool, ...], ...],
+                        n: int) -> tuple[tuple[bool, ...], ...]:
+    """The split with every layer's dense-head count a multiple of n, as near the calibrated
+    split as the gates allow (tensor parallelism over n devices: each device holds the same
+    number of dense heads, models/parallel.py; docs/design.md §7).
+
+    A layer with r = dense % n != 0 either promotes its n - r highest-gate streaming heads
+    ("up") or demotes its r lowest-gate dense heads ("down"). A move costs the gate mass it
+    carries across the threshold τ (the midpoint between the lowest dense and the highest
+    streaming gate): Σ |α - τ| of the moved heads. Over all layers, the choice (exact, by
+    dynamic programming over the change in the total dense count) keeps that total nearest
+    the calibrated one (the sparsity asked for), denser on a tie, then costs least, then
+    moves fewest heads. Layers already divisible are unchanged, so n = 1 returns `streaming`.
+    """
+    gates = np.clip(_as_gates(gates), 0.0, 1.0)
+    flags = np.asarray(streaming, dtype=bool)
+    if flags.shape != gates.shape:
+        raise ValueError(f"pattern {flags.shape} and gates {gates.shape} differ in shape")
+    if flags.shape[1] % n:
+        raise ValueError(f"{flags.shape[1]} KV heads per layer do not split over {n} devices")
+    if flags.all() or not flags.any():
+        return tuple(tuple(bool(s) for s in row) for row in flags)
+    tau = (gates[~flags].min() + gates[flags].max()) / 2
+    # best[change of the dense total] = (cost, heads moved, per-layer choices)
+    best: dict[int, tuple[float, int, tuple]] = {0: (0.0, 0, ())}
+    for layer, (row, alpha) in enumerate(zip(flags, gates)):
+        dense, stream = np.flatnonzero(~row), np.flatnonzero(row)
+        r = len(dense) % n
+        if not r:
+            continue
+        down = dense[np.argsort(alpha[dense], kind="stable")][:r]  # lowest gates
+        up = stream[np.argsort(-alpha[stream], kind="stable")][:n - r]  # highest gates
+        options = ((len(up), float(np.sum(tau - alpha[up])), (layer, up, False)),
+                   (-len(down), float(np.sum(alpha[down] - tau)), (layer, down, True)))
+        step: dict[int, tuple[float, int, tuple]] = {}
+        for change, (cost, moved, choices) in best.items():
+            for delta, move_cost, choice in options:
+                entry = (cost + move_cost, moved + abs(delta), choices + (choice,))
+                key = change + delta
+                if key not in step or entry[:2] < step[key][:2]:
+                    step[key] = entry
+        best = step
+    change = min(best, key=lambda c: (abs(c), c < 0, best[c][0], best[c][1]))
+    out = flags.copy()
+    for layer, heads, to_streaming in best[change][2]:
+        out[layer, heads] = to_streaming
+    return tuple(tuple(bool(s) for s in row) for row in out)
+
+
 def describe(streaming: tuple[tuple[bool, ...], ...]) -> str:
     """One line, e.g. '12/24 KV heads streaming; dense heads per layer: [1, 2, ...]'."""
     num_heads = sum(len(row) for row in streaming)

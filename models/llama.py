@@ -8,7 +8,10 @@ Two entry points share the layer code (`layer_step`, one pure function per layer
 Both write the new keys/values into the cache's pages and return the updated cache; nothing is
 stored anywhere else. Layers are unrolled in Python (see models/params.py for why). A layer's
 linear weights are float arrays or int8 `Int8Weight`s (models/weight_quant.py: `linear`); the
-embedding and LM head are always float.
+embedding and LM head are always float. Every entry point takes `shard`: under tensor
+parallelism (models/parallel.py) it runs inside `shard_map` on one device's part of the
+weights and cache, with `config` and `attention` that device's (`parallel.local_config`,
+`parallel.local_attention`).
 Einsum alphabet: see models/attention.py.
 """
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import kv_cache
+from models import kv_cache, parallel
 from models.attention import AttentionConfig, LayerStep, attend_layer, check_cache_pages
 from models.config import LlamaConfig, rope_inv_freq
 from models.kv_cache import KVCache
@@ -65,40 +68,48 @@ def _qkv(layer: dict, config: LlamaConfig, h: jax.Array, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _block(layer: dict, config: LlamaConfig, x: jax.Array, cos, sin, attend, state):
+def _block(layer: dict, config: LlamaConfig, x: jax.Array, cos, sin, attend, state,
+           shard: parallel.Shard | None = None):
     """The decoder block around an attention: (x [B, T, E], state) -> (x, state).
 
     `attend(state, q, k, v) -> (state, out [B, T, Hq, D])` is the only part that differs between
     a cached step (`layer_step`, state = the layer's cache) and calibration (`hidden_states`).
+    Under tensor parallelism (`shard`, models/parallel.py) the layer's weights, heads and
+    cache are this device's; wo and w_down give partial sums, all-reduced.
     """
     b, t, _ = x.shape
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q, k, v = _qkv(layer, config, h, cos, sin)
     state, attn = attend(state, q, k, v)
-    x = x + linear(attn.reshape(b, t, -1), layer["wo"])
-    return x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)), state
+    x = x + parallel.all_reduce(linear(attn.reshape(b, t, -1), layer["wo"]), shard)
+    mlp = _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    return x + parallel.all_reduce(mlp, shard), state
 
 
 def layer_step(layer: dict, x: jax.Array, cache: KVCache, step: LayerStep, *,
-               config: LlamaConfig, attention: AttentionConfig) -> tuple[jax.Array, KVCache]:
+               config: LlamaConfig, attention: AttentionConfig,
+               shard: parallel.Shard | None = None) -> tuple[jax.Array, KVCache]:
     """One decoder layer of a cached forward step, pure: (layer params, x [B, T, E], the layer's
     cache, the step's inputs) -> (x, the layer's cache).
 
     `cache` is a one-layer view (`KVCache.layer_view`) and `attention` the layer's config
     (`AttentionConfig.for_layer`); the layer stores its keys and values and attends
     (`attend_layer`). Prefill, decode, the accuracy harness and the benchmarks all run layers
-    through this function (or `run_layers`).
+    through this function (or `run_layers`). With `shard` (models/parallel.py) it runs on
+    one device's part of the layer (`config` and `attention` that device's).
     """
     return _block(layer, config, x, step.cos, step.sin,
-                  lambda c, q, k, v: attend_layer(c, q, k, v, step, config=attention), cache)
+                  lambda c, q, k, v: attend_layer(c, q, k, v, step, config=attention), cache,
+                  shard)
 
 
 def run_layers(params: dict, cache: KVCache, x: jax.Array, step: LayerStep, *,
-               config: LlamaConfig, attention: AttentionConfig) -> tuple[jax.Array, KVCache]:
+               config: LlamaConfig, attention: AttentionConfig,
+               shard: parallel.Shard | None = None) -> tuple[jax.Array, KVCache]:
     """Every layer's `layer_step` in order, each on its view of `cache`."""
     for i, layer in enumerate(params["layers"]):
         x, view = layer_step(layer, x, cache.layer_view(i), step, config=config,
-                             attention=attention.for_layer(i, config.num_kv_heads))
+                             attention=attention.for_layer(i, config.num_kv_heads), shard=shard)
         cache = cache.with_layer(i, view)
     return x, cache
 
@@ -136,15 +147,18 @@ def cache_spec(config: LlamaConfig, attention: AttentionConfig, *, num_pages: in
         kv_cache_dtype=kv_cache_dtype, kv_scales=kv_scales)
 
 
-def _logits(params: dict, config: LlamaConfig, x: jax.Array) -> jax.Array:
+def _logits(params: dict, config: LlamaConfig, x: jax.Array,
+            shard: parallel.Shard | None = None) -> jax.Array:
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return parallel.gather_vocab(logits, shard, config.vocab_size)
 
 
 def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array,
             slots: jax.Array, *, config: LlamaConfig, attention: AttentionConfig,
-            all_logits: bool = False) -> tuple[KVCache, jax.Array]:
+            all_logits: bool = False, shard: parallel.Shard | None = None
+            ) -> tuple[KVCache, jax.Array]:
     """Run whole prompts, store their keys/values in the slots' pages.
 
     tokens [B, T] right-padded; seq_lens [B] prompt lengths; slots [B] cache rows, whose pages
@@ -156,20 +170,21 @@ def prefill(params: dict, cache: KVCache, tokens: jax.Array, seq_lens: jax.Array
     cos, sin = rope_cos_sin(config, positions)
     step = LayerStep(slots=slots, positions=positions, valid=positions < seq_lens[:, None],
                      lengths=seq_lens, cos=cos, sin=sin)
-    x, cache = run_layers(params, cache, params["embed"][tokens], step, config=config,
-                          attention=attention)
+    x, cache = run_layers(params, cache, parallel.embed_tokens(params["embed"], tokens, shard),
+                          step, config=config, attention=attention, shard=shard)
     if not all_logits:
         last = jnp.clip(seq_lens - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, E]
     cache = cache.replace(seq_lens=cache.seq_lens.at[slots].set(seq_lens),
                           decode_steps=cache.decode_steps.at[slots].set(0),
                           selected_num_pages=cache.selected_num_pages.at[slots].set(-1))
-    return cache, _logits(params, config, x)
+    return cache, _logits(params, config, x, shard)
 
 
 def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.Array,
                   chunk_lens: jax.Array, slots: jax.Array, *, config: LlamaConfig,
-                  attention: AttentionConfig, fresh: bool = False) -> tuple[KVCache, jax.Array]:
+                  attention: AttentionConfig, fresh: bool = False,
+                  shard: parallel.Shard | None = None) -> tuple[KVCache, jax.Array]:
     """Continue prompts by one chunk each: tokens [B, T] right-padded at positions starts [B]
     onwards, chunk_lens [B] real tokens (a row with 0 is left untouched). The slots' pages must
     be reserved for starts + chunk_lens tokens and hold the first `starts` tokens already; with
@@ -187,8 +202,8 @@ def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.A
     cos, sin = rope_cos_sin(config, positions)
     step = LayerStep(slots=slots, positions=positions, valid=offsets[None] < chunk_lens[:, None],
                      lengths=lengths, cos=cos, sin=sin, chunk=True, fresh=fresh)
-    x, cache = run_layers(params, cache, params["embed"][tokens], step, config=config,
-                          attention=attention)
+    x, cache = run_layers(params, cache, parallel.embed_tokens(params["embed"], tokens, shard),
+                          step, config=config, attention=attention, shard=shard)
     last = jnp.clip(chunk_lens - 1, 0, t - 1)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     moved = chunk_lens > 0
@@ -198,12 +213,13 @@ def prefill_chunk(params: dict, cache: KVCache, tokens: jax.Array, starts: jax.A
             jnp.where(moved, 0, cache.decode_steps[slots])),
         selected_num_pages=cache.selected_num_pages.at[slots].set(
             jnp.where(moved, -1, cache.selected_num_pages[slots])))
-    return cache, _logits(params, config, x)
+    return cache, _logits(params, config, x, shard)
 
 
 def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, active: jax.Array,
            *, config: LlamaConfig, attention: AttentionConfig,
-           entries: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
+           entries: jax.Array | None = None, shard: parallel.Shard | None = None
+           ) -> tuple[KVCache, jax.Array]:
     """One decode step: append each active slot's new token and return next-token logits.
 
     tokens, slots [B] int32; active [B] bool (inactive rows write to the null page and do not
@@ -224,15 +240,16 @@ def decode(params: dict, cache: KVCache, tokens: jax.Array, slots: jax.Array, ac
     layer_inputs = LayerStep(slots=slots, positions=positions, valid=active[:, None],
                              lengths=lengths, cos=cos, sin=sin, need=need, decode=True,
                              entries=entries)
-    x, cache = run_layers(params, cache, params["embed"][tokens][:, None], layer_inputs,
-                          config=config, attention=attention)
+    x = parallel.embed_tokens(params["embed"], tokens, shard)[:, None]
+    x, cache = run_layers(params, cache, x, layer_inputs, config=config, attention=attention,
+                          shard=shard)
     step = active.astype(jnp.int32)
     cache = cache.replace(
         seq_lens=cache.seq_lens.at[slots].add(step),
         decode_steps=cache.decode_steps.at[slots].add(step),
         selected_num_pages=cache.selected_num_pages.at[slots].set(
             jnp.where(need, num_pages, cache.selected_num_pages[slots])))
-    return cache, _logits(params, config, x[:, 0])
+    return cache, _logits(params, config, x[:, 0], shard)
 
 
 def hidden_states(params: dict, tokens: jax.Array, *, config: LlamaConfig, attend,

@@ -8,6 +8,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # compiles what it runs, sharing no entries with the other test worker or an earlier checkout.
 os.environ.setdefault("LSERVE_JAX_COMPILATION_CACHE", "0")
 
+# tests/multi_device/ needs several devices, which XLA_FLAGS gives only before JAX starts: it
+# runs in a subprocess of its own (tests/test_parallel.py), not in this process.
+collect_ignore = [] if os.environ.get("LSERVE_MULTI_DEVICE") else ["multi_device"]
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,9 +166,10 @@ def greedy_closeness(reference, results, gap: float) -> tuple[int, float]:
 
 
 def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddings=96,
-                       tokenizer_from=None, tie_word_embeddings=False):
-    """A tiny random HF Llama (2 layers, 4 query / 2 KV heads, hidden 32) saved and converted;
-    with `tokenizer_from`, that directory's tokenizer files are copied in first."""
+                       tokenizer_from=None, tie_word_embeddings=False, num_heads=4,
+                       num_kv_heads=2, hidden_size=32, intermediate_size=64):
+    """A tiny random HF Llama (2 layers, 4 query / 2 KV heads, hidden 32 by default) saved and
+    converted; with `tokenizer_from`, that directory's tokenizer files are copied in first."""
     import shutil
 
     import torch
@@ -173,8 +178,8 @@ def convert_tiny_llama(tmp_path_factory, *, vocab_size=128, max_position_embeddi
     import convert
 
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(0)

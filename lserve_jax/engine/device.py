@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from lserve_jax import decode_loop, inputs
 from lserve_jax.sampling import SamplingArrays, TokenCounts, sample, token_counts, token_logprobs
-from models import kv_cache, llama
+from models import kv_cache, llama, parallel
 from models.attention import AttentionConfig
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
@@ -119,20 +120,53 @@ def _counts(batch: StepBatch, vocab: int) -> TokenCounts | None:
     return token_counts(batch.prompt_history, batch.output_history, vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "fresh", "num_logprobs"),
+def _per_device(body, params, cache, batch, shard: parallel.Shard | None, num_outputs: int):
+    """`body(params, cache, batch, shard)` run once (shard None), or under tensor parallelism
+    on every device of `shard.mesh` on its part of the weights and cache (`jax.shard_map`):
+    the cache comes out split as it went in, the other outputs replicated (each device samples
+    the same tokens from the gathered logits)."""
+    if shard is None:
+        return body(params, cache, batch, None)
+    specs = parallel.cache_specs(cache)
+    return jax.shard_map(
+        lambda p, c, b: body(p, c, b, shard), mesh=shard.mesh,
+        in_specs=(parallel.param_specs(params), specs, P()),
+        out_specs=(specs,) + (P(),) * (num_outputs - 1), check_vma=False)(params, cache, batch)
+
+
+def _local(config: LlamaConfig, attention: AttentionConfig, shard: parallel.Shard | None):
+    """The model and attention configs one device runs."""
+    if shard is None:
+        return config, attention
+    return (parallel.local_config(config, shard.size),
+            parallel.local_attention(attention, shard.size))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "fresh", "num_logprobs",
+                                             "shard"),
                    donate_argnames=("cache",))
 def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                 attention: AttentionConfig, fresh: bool = False, num_logprobs: int = -1
+                 attention: AttentionConfig, fresh: bool = False, num_logprobs: int = -1,
+                 shard: parallel.Shard | None = None
                  ) -> tuple[KVCache, jax.Array, jax.Array, tuple]:
     """Prefill one chunk per row (`llama.prefill_chunk`; `fresh`: every row starts at 0).
     Returns (cache, tokens [R], bad [R], logprobs) sampled from each row's last token;
     logprobs: with `num_logprobs` K >= 0, (of the token [R], rank [R], top-K ids [R, K],
-    top-K log-probabilities [R, K]) of the raw logits, else ()."""
+    top-K log-probabilities [R, K]) of the raw logits, else (). `shard`: tensor parallelism
+    over its mesh (`params` and `cache` placed as `models.parallel` splits them)."""
+    def body(params, cache, batch, shard):
+        return _prefill(params, cache, batch, *_local(config, attention, shard), fresh=fresh,
+                        num_logprobs=num_logprobs, shard=shard)
+
+    return _per_device(body, params, cache, batch, shard, 4)
+
+
+def _prefill(params, cache, batch, config, attention, *, fresh, num_logprobs, shard):
     view = local_view(cache, batch)
     local = jnp.arange(batch.slots.shape[0], dtype=jnp.int32)
     view, logits = llama.prefill_chunk(params, view, batch.tokens, batch.starts,
                                        batch.num_tokens, local, config=config,
-                                       attention=attention, fresh=fresh)
+                                       attention=attention, fresh=fresh, shard=shard)
     tokens = sample(logits, batch.sampling, batch.out_index, batch.stop_ids,
                     _counts(batch, logits.shape[-1]))
     bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
@@ -140,10 +174,12 @@ def prefill_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llam
     return merge_view(cache, view, batch), tokens, bad, logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps", "num_logprobs"),
+@functools.partial(jax.jit, static_argnames=("config", "attention", "num_steps", "num_logprobs",
+                                             "shard"),
                    donate_argnames=("cache",))
 def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: LlamaConfig,
-                attention: AttentionConfig, num_steps: int = 1, num_logprobs: int = -1
+                attention: AttentionConfig, num_steps: int = 1, num_logprobs: int = -1,
+                shard: parallel.Shard | None = None
                 ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, tuple]:
     """Decode steps (`llama.decode`: page selection, sink + ring for streaming heads) inside
     one `decode_loop.run`: each row from its token tokens[:, 0] for `steps` steps at most,
@@ -151,7 +187,16 @@ def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llama
     row's output index. Returns (cache, tokens [R, num_steps] (-1 past each row's count),
     counts [R], error_at [R]: the index within the call of the token whose logits were not
     finite, -1 for none, logprobs: as `prefill_step`'s with a step axis after the row's, or
-    ()). Penalties count the tokens generated within the call too."""
+    ()). Penalties count the tokens generated within the call too. `shard`: as
+    `prefill_step`'s."""
+    def body(params, cache, batch, shard):
+        return _decode(params, cache, batch, *_local(config, attention, shard),
+                       num_steps=num_steps, num_logprobs=num_logprobs, shard=shard)
+
+    return _per_device(body, params, cache, batch, shard, 5)
+
+
+def _decode(params, cache, batch, config, attention, *, num_steps, num_logprobs, shard):
     view = local_view(cache, batch, clock=True)
     r = batch.slots.shape[0]
     state = decode_loop.DecodeState(
@@ -164,7 +209,7 @@ def decode_step(params: dict, cache: KVCache, batch: StepBatch, *, config: Llama
         counts=_counts(batch, config.vocab_size),
         logprobs=decode_loop.logprob_buffers(r, num_steps, num_logprobs))
     state = decode_loop.run(params, state, config=config, attention=attention,
-                            num_steps=num_steps)
+                            num_steps=num_steps, shard=shard)
     return (merge_view(cache, state.cache, batch), state.out_tokens, state.num_generated,
             state.error_at, state.logprobs or ())
 
@@ -212,7 +257,10 @@ def pool_bytes(spec: kv_cache.KVCacheSpec) -> tuple[int, int]:
 def size_pool(spec: kv_cache.KVCacheSpec, memory_bytes: int) -> PoolSize:
     """The most pages `spec` can have within `memory_bytes` (`spec.num_pages` is ignored)."""
     per_page, fixed = pool_bytes(spec)
-    pages = (memory_bytes - fixed) // per_page if per_page else 0
+    if not per_page:  # every head streams: pages hold no bytes, any number fits
+        pages = 2**31 - 1 if memory_bytes >= fixed else 0
+    else:
+        pages = (memory_bytes - fixed) // per_page
     if pages < 2:
         raise ValueError(f"kv cache memory {memory_bytes / 2**30:.3f} GiB holds {max(pages, 0)} "
                          f"pages of {spec.page_size} tokens ({per_page} bytes each, plus "

@@ -47,7 +47,7 @@ from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, windo
 from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
-from models import kv_cache, llama, weight_quant
+from models import kv_cache, llama, parallel, weight_quant
 from pallas_kernels import quant
 from models.attention import AttentionConfig
 
@@ -223,7 +223,7 @@ class Engine:
                  num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
                  long_prefill_token_threshold: int | None = None,
                  kv_cache_dtype: str = "auto", kv_scales=None, weight_dtype: str = "auto",
-                 **sparsity_knobs):
+                 tensor_parallel_size: int = 1, **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
         if dtype not in DTYPES:
@@ -263,19 +263,27 @@ class Engine:
                                   path, self.params, self.config, self.tokenizer))
         elif kv_scales is not None:
             raise ValueError("kv_scales are only used with a quantized kv_cache_dtype")
+        self.head_pattern = None
+        self.attention = self._attention_config()
+        self.tensor_parallel_size = inputs.check_int("tensor_parallel_size", tensor_parallel_size,
+                                                     minimum=1)
+        self.shard = None
+        if self.tensor_parallel_size > 1:
+            self._split_for_devices(self.tensor_parallel_size)
         # Quantized after the KV scales, which are calibrated on the float weights (so
         # kv_scales.json does not depend on the weight dtype), and before the pool is sized:
         # the float matrices are freed here, so a GPU's KV budget counts the int8 ones in use.
         float_bytes = weight_quant.weight_bytes(self.params)
         self.params = weight_quant.quantize_params(self.params, self.weight_dtype)
+        if self.shard is not None:
+            self.params = parallel.place(self.params, parallel.param_specs(self.params),
+                                         self.shard.mesh)
         self.weight_bytes = weight_quant.weight_bytes(self.params)
         if self.weight_dtype == "int8":
             log.info("weights: %.1f MiB with int8 layer weights (%.1f MiB in %s)",
                      self.weight_bytes / 2**20, float_bytes / 2**20, dtype)
         else:
             log.info("weights: %.1f MiB (%s)", self.weight_bytes / 2**20, dtype)
-        self.head_pattern = None
-        self.attention = self._attention_config()
         context = self.config.max_position_embeddings
         self.max_model_len = context if max_model_len is None else inputs.check_int(
             "max_model_len", max_model_len, minimum=2, maximum=context)
@@ -307,6 +315,9 @@ class Engine:
         self.spec = dataclasses.replace(spec, num_pages=num_pages)
         self._log_capacity()
         self.cache = kv_cache.init_cache(self.spec)
+        if self.shard is not None:
+            self.cache = parallel.place(self.cache, parallel.cache_specs(self.cache),
+                                        self.shard.mesh)
         self.pool = PagePool(num_pages, page_size)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         lserve = attention == "lserve"
@@ -356,6 +367,34 @@ class Engine:
         return AttentionConfig(mode="lserve", impl=self.impl, streaming_heads=streaming,
                                sparsity=s)
 
+    def _split_for_devices(self, n: int) -> None:
+        """Tensor parallelism over n devices (models/parallel.py): balance the LServe head
+        pattern so each device holds the same number of dense heads (`head_pattern.
+        balance_for_devices`), permute each layer's KV heads (weights, KV scales, pattern) so
+        each device's heads are a contiguous block, dense first, and zero-pad the vocabulary and
+        the MLP to multiples of n. The permuted model computes the same function."""
+        parallel.check_divisible(self.config, n)
+        mesh = parallel.make_mesh(n)
+        flags = self.attention.streaming_heads
+        if flags is not None:
+            gates = head_pattern.load_head_pattern(self.head_pattern)
+            balanced = head_pattern.balance_for_devices(gates, flags, n)
+            moved = sum(a != b for x, y in zip(flags, balanced) for a, b in zip(x, y))
+            if moved:
+                log.warning("tensor_parallel_size=%d: %d KV heads changed kind so every device "
+                            "holds the same number of dense heads per layer (%s)", n, moved,
+                            head_pattern.describe(balanced))
+            orders = [parallel.head_order(row, n) for row in balanced]
+            self.params = parallel.permute_kv_heads(self.params, self.config, orders)
+            if self.kv_scales is not None:
+                self.kv_scales = tuple(tuple(tuple(scale[h] for h in order) for scale in pair)
+                                       for pair, order in zip(self.kv_scales, orders))
+            self.attention = dataclasses.replace(
+                self.attention, streaming_heads=parallel.permute_pattern(balanced, orders))
+        self.params = parallel.pad_params(self.params, self.config, n)
+        self.shard = parallel.Shard(mesh)
+        log.info("tensor parallel over %d %s devices", n, mesh.devices.flat[0].platform)
+
     def _spec(self, attention: AttentionConfig, num_pages: int, num_window_pages: int = 0):
         spec = llama.cache_spec(self.config, attention, num_pages=num_pages,
                                 max_seqs=self.max_num_seqs,
@@ -368,8 +407,8 @@ class Engine:
         if gb is not None:
             return int(gb * 2**30)
         free = device.device_memory_for_cache(GPU_MEMORY_FRACTION)
-        if free is not None:
-            return free
+        if free is not None:  # per device; the pools split over the tensor-parallel devices
+            return free * self.tensor_parallel_size
         # The CPU default grows to hold the streaming pool and one full-length request.
         per_page, fixed = device.pool_bytes(spec)
         return max(int(CPU_KV_CACHE_GB * 2**30), fixed + per_page * (self.max_pages_per_seq + 1))
@@ -389,8 +428,9 @@ class Engine:
                 lines.append(f"dense in the same memory: {size.capacity_tokens} tokens")
             except ValueError:
                 pass
-        lines.append("tokens per GiB by KV cache dtype: " + ", ".join(
-            f"{name} {tokens:,}" for name, tokens in self.tokens_per_gib().items()))
+        lines.append("tokens per GiB by KV cache dtype: " + (", ".join(
+            f"{name} {tokens:,}" for name, tokens in self.tokens_per_gib().items())
+            or "unbounded (every head streams)"))
         self.capacity_summary = "; ".join(lines)
         log.info("KV cache: %s", self.capacity_summary)
 
@@ -405,7 +445,8 @@ class Engine:
                       or ((1.0, 1.0),) * self.config.num_layers)  # shapes only
             spec = dataclasses.replace(self.spec, kv_cache_dtype=name, kv_scales=scales)
             per_page, _ = device.pool_bytes(spec)
-            out[name] = 2**30 * spec.page_size // per_page
+            if per_page:  # else every head streams: context costs no pages
+                out[name] = 2**30 * spec.page_size // per_page
         return out
 
     # ---- requests ------------------------------------------------------------------------------
@@ -728,14 +769,14 @@ class Engine:
         """The executable of `fn` for this batch's shape bucket, compiled once per process
         (logged): engines of one model, weight dtype, attention config and pool share it."""
         key = (fn.__name__, tuple(sorted(static.items())), self.config, self.attention,
-               self.weight_dtype, self._state_signature, _signature(batch))
+               self.weight_dtype, self.shard, self._state_signature, _signature(batch))
         exe = _SHARED_EXECUTABLES.get(key)
         if exe is not None:
             _SHARED_EXECUTABLES.move_to_end(key)
             return exe
         t0 = time.perf_counter()
         exe = fn.lower(self.params, self.cache, batch, config=self.config,
-                       attention=self.attention, **static).compile()
+                       attention=self.attention, shard=self.shard, **static).compile()
         seconds = time.perf_counter() - t0
         self.compile_s += seconds
         log.info("compiled %s for rows, tokens, pages %s%s in %.1f s", fn.__name__, batch.shape,
