@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
+from lserve_jax.engine import multihost
 from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
@@ -24,7 +26,7 @@ from pallas_kernels.quant import KV_CACHE_DTYPES
 
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
                 "num_scheduler_steps", "long_prefill_token_threshold", "enable_prefix_caching",
-                "kv_cache_dtype", "weight_dtype", "tensor_parallel_size")
+                "kv_cache_dtype", "weight_dtype", "tensor_parallel_size", "data_parallel_size")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,16 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--tensor-parallel-size", type=int, default=None,
                         help="devices each layer's heads, MLP and vocabulary are split over "
                         "(default 1; on the CPU that many host devices are made)")
+    engine.add_argument("--data-parallel-size", type=int, default=None,
+                        help="engine replicas, each on --tensor-parallel-size devices, "
+                        "requests spread across them (default 1)")
+    hosts = p.add_argument_group("several processes (lserve_jax/engine/multihost.py)")
+    hosts.add_argument("--coordinator-address", default=None,
+                       help="host:port of process 0 (else $LSERVE_COORDINATOR_ADDRESS)")
+    hosts.add_argument("--num-processes", type=int, default=None,
+                       help="processes in all (else $LSERVE_NUM_PROCESSES; default 1)")
+    hosts.add_argument("--process-id", type=int, default=None,
+                       help="this process, 0 the leader (else $LSERVE_PROCESS_ID)")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=None,
                         help="do not share the pages of identical prompt prefixes")
@@ -77,10 +89,31 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """`LLM` / `Engine` keyword arguments of the flags `add_engine_arguments` added."""
     knobs = {name: getattr(args, name) for name in SparsityConfig.field_names() + ENGINE_KNOBS
              if getattr(args, name) is not None}
-    if (args.tensor_parallel_size or 1) > 1:
-        parallel.request_host_devices(args.tensor_parallel_size)
     return dict(attention=args.attention, dtype=args.dtype, impl=args.impl,
                 verify=args.verify, **knobs)
+
+
+def start_devices(args: argparse.Namespace) -> dict | None:
+    """Before JAX starts: join the other processes when there are several (returns their
+    settings, `multihost.settings`), and on the CPU make as many host devices as the tensor-
+    and data-parallel sizes need (split over the processes)."""
+    devices = (args.tensor_parallel_size or 1) * (args.data_parallel_size or 1)
+    hosts = multihost.settings(args.coordinator_address, args.num_processes, args.process_id)
+    if hosts is None:
+        if devices > 1:
+            parallel.request_host_devices(devices)
+        return None
+    if (args.data_parallel_size or 1) > 1:
+        raise ValueError("--data-parallel-size with several processes is not supported; use "
+                         "--tensor-parallel-size over all their devices")
+    # Native libraries (Gloo) print to file descriptor 1 when they connect, in the middle of
+    # the output: send descriptor 1 to stderr and keep Python's stdout on the real one.
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(stdout, "w", buffering=1)
+    multihost.initialize(hosts, local_devices=-(-devices // hosts["num_processes"]))
+    return hosts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,12 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        hosts = start_devices(args)
         llm = LLM(args.ckpt, **engine_kwargs(args))
-        prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
-        if llm.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer; the CLI needs one for text prompts")
-        streamer = None if args.json else _Streamer(llm.tokenizer)
-        [out] = llm.generate([prompt], sampling, on_tokens=streamer)
+        if hosts is not None and not multihost.is_leader():
+            multihost.follow(llm.engine)  # run the leader's device calls until it is done
+            return 0
+        try:
+            prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
+            if llm.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer; the CLI needs one for text "
+                                 "prompts")
+            streamer = None if args.json else _Streamer(llm.tokenizer)
+            [out] = llm.generate([prompt], sampling, on_tokens=streamer)
+        finally:
+            llm.engine.release_followers()
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

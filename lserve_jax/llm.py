@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from lserve_jax import inputs
 from lserve_jax.engine.engine import (ATTENTION_CHOICES, DTYPES, Engine, RequestOutput,
                                       default_impl)
+from lserve_jax.engine.data_parallel import create_engine
 from lserve_jax.sampling import SamplingParams
 
 log = logging.getLogger("lserve_jax")
@@ -49,14 +50,16 @@ class LLM:
     README "Checkpoint integrity"). The engine's capacity arguments (`max_num_seqs`,
     `max_num_batched_tokens`, `max_model_len`, `kv_cache_memory_gb` or `num_pages`,
     `enable_prefix_caching`) and the quantization knobs (`kv_cache_dtype`, `weight_dtype`:
-    "auto" or "int8", models/weight_quant.py) are `Engine`'s; the remaining keyword arguments
+    "auto" or "int8", models/weight_quant.py) and `tensor_parallel_size` are `Engine`'s;
+    `data_parallel_size` M > 1 runs M engine replicas (`DataParallelEngine`, each on
+    `tensor_parallel_size` devices of a (dp, tp) mesh); the remaining keyword arguments
     are LServe's sparsity knobs (see `SparsityConfig`). With attention="lserve" and no
     `head_pattern`, the embedded model uses its shipped calibrated pattern
     (lserve_jax/attn_patterns/); other checkpoints then treat every head as dense.
     """
 
     def __init__(self, ckpt: str | None = None, **kwargs):
-        self.engine = Engine(ckpt, **kwargs)
+        self.engine = create_engine(ckpt, **kwargs)
         self.stats = GenerationStats()
         self._calls = itertools.count()
 

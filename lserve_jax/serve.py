@@ -22,7 +22,8 @@ import time
 
 import uvicorn
 
-from lserve_jax.generate import add_engine_arguments, engine_kwargs
+from lserve_jax.engine import multihost
+from lserve_jax.generate import add_engine_arguments, engine_kwargs, start_devices
 
 log = logging.getLogger("lserve_jax.server")
 
@@ -77,12 +78,12 @@ def default_model_name(ckpt: str | None) -> str:
 def build_server(args: argparse.Namespace):
     """(uvicorn.Server, the app, the runner) for parsed arguments; the engine is loaded and
     warmed up, the runner not started yet."""
-    from lserve_jax.engine.engine import Engine
+    from lserve_jax.engine.data_parallel import create_engine
     from lserve_jax.server.app import build_app
     from lserve_jax.server.metrics import ServerMetrics
     from lserve_jax.server.runner import EngineRunner
 
-    engine = Engine(args.ckpt, **engine_kwargs(args))
+    engine = create_engine(args.ckpt, **engine_kwargs(args))
     if args.warmup:
         log.info("warmed up in %.1f s", warm_up(engine))
     name = args.served_model_name or default_model_name(args.ckpt)
@@ -129,11 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger("lserve_jax").setLevel(logging.INFO)
     try:
+        hosts = start_devices(args)
+        if hosts is not None and not multihost.is_leader():
+            from lserve_jax.engine.engine import Engine
+
+            multihost.follow(Engine(args.ckpt, **engine_kwargs(args)))  # no port here
+            return 0
         server, _, runner = build_server(args)
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    server.run()  # uvicorn handles SIGINT / SIGTERM: stop accepting, drain, shut down
+    try:
+        server.run()  # uvicorn handles SIGINT / SIGTERM: stop accepting, drain, shut down
+    finally:
+        runner.engine.release_followers()
     return 1 if runner.error is not None else 0
 
 

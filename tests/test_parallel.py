@@ -150,3 +150,40 @@ def test_cli_tensor_parallel_equals_one_device(tmp_path_factory, capsys):
     assert two["token_ids"] == one["token_ids"] and len(one["token_ids"]) == 6
     args = serve._parser().parse_args(["--tensor-parallel-size", "2"])
     assert generate.engine_kwargs(args)["tensor_parallel_size"] == 2
+
+
+def test_two_processes_one_leader(tmp_path_factory, capsys):
+    """Two processes on 127.0.0.1 (Gloo collectives on the CPU), one device each, TP=2 over
+    both: the leader schedules and prints the tokens of one device; the follower runs the
+    same device calls and exits 0 when the leader is done."""
+    import json
+    import socket
+
+    from conftest import convert_word_llama
+    from lserve_jax import generate
+
+    ckpt = str(convert_word_llama(tmp_path_factory))
+    argv = ["--ckpt", ckpt, "--prompt", "w5 w6 w7 w8 w9", "--max-new-tokens", "10", "--json",
+            "--attention", "lserve", "--page-size", "8", "--logical-page-size", "4",
+            "--token-budget", "24", "--dec-sink-tokens", "8", "--dec-local-tokens", "8"]
+    assert generate.main(argv) == 0
+    one = json.loads(capsys.readouterr().out)
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lserve_jax.generate", *argv, "--tensor-parallel-size", "2",
+         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    leader = json.loads(results[0][0])
+    assert leader["token_ids"] == one["token_ids"] and len(one["token_ids"]) == 10
+    assert results[1][0] == ""  # the follower prints nothing

@@ -33,6 +33,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Hashable, Sequence
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lserve_jax import head_pattern, inputs, kv_quant
-from lserve_jax.engine import device
+from lserve_jax.engine import device, multihost
 from lserve_jax.engine.pages import PagePool
 from lserve_jax.engine.scheduler import PrefillWindow, Request, Scheduler, window_quota
 from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -62,6 +63,7 @@ MIN_PAGE_COLUMNS = 8
 DEFAULT_SCHEDULER_STEPS = 8  # decode steps per call while nobody waits
 MAX_SHARED_EXECUTABLES = 64  # compiled steps kept for the process's engines, least recent out
 _SHARED_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_COMPILE_LOCK = threading.RLock()
 
 
 MAP_COUNT_FRACTION = 0.5  # of the kernel's limit on memory mappings, see below
@@ -82,10 +84,11 @@ def memory_map_count() -> tuple[int, int] | None:
 def release_compiled_steps(fraction: float = 1.0) -> None:
     """Drop the least recently used `fraction` of the engines' compiled steps and JAX's
     in-memory compilation caches, and collect, so their code is unmapped."""
-    for _ in range(int(len(_SHARED_EXECUTABLES) * fraction)):
-        _SHARED_EXECUTABLES.popitem(last=False)
-    jax.clear_caches()
-    gc.collect()
+    with _COMPILE_LOCK:
+        for _ in range(int(len(_SHARED_EXECUTABLES) * fraction)):
+            _SHARED_EXECUTABLES.popitem(last=False)
+        jax.clear_caches()
+        gc.collect()
 
 
 def release_executables_if_maps_run_short() -> bool:
@@ -213,6 +216,9 @@ class Engine:
     `weight_dtype`: "auto" (the model's dtype) or "int8" (every layer's linear weights
     quantized per output channel after loading, models/weight_quant.py; the embedding and LM
     head stay in the model's dtype).
+    `tensor_parallel_size`: N devices (`devices`, default the first N) each run their part of
+    every layer under `shard_map`, LServe's heads balanced across them (models/parallel.py,
+    docs/design.md §7); given `devices` with N = 1 the engine runs on that device.
     """
 
     def __init__(self, ckpt: str | None = None, *, attention: str = "dense",
@@ -223,7 +229,8 @@ class Engine:
                  num_scheduler_steps: int = DEFAULT_SCHEDULER_STEPS,
                  long_prefill_token_threshold: int | None = None,
                  kv_cache_dtype: str = "auto", kv_scales=None, weight_dtype: str = "auto",
-                 tensor_parallel_size: int = 1, **sparsity_knobs):
+                 tensor_parallel_size: int = 1, devices: Sequence | None = None,
+                 **sparsity_knobs):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION_CHOICES}")
         if dtype not in DTYPES:
@@ -268,8 +275,8 @@ class Engine:
         self.tensor_parallel_size = inputs.check_int("tensor_parallel_size", tensor_parallel_size,
                                                      minimum=1)
         self.shard = None
-        if self.tensor_parallel_size > 1:
-            self._split_for_devices(self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1 or devices is not None:
+            self._split_for_devices(self.tensor_parallel_size, devices)
         # Quantized after the KV scales, which are calibrated on the float weights (so
         # kv_scales.json does not depend on the weight dtype), and before the pool is sized:
         # the float matrices are freed here, so a GPU's KV budget counts the int8 ones in use.
@@ -331,6 +338,8 @@ class Engine:
         self._parents: dict[Hashable, _Parent] = {}  # requests waiting or running
         self._live: dict[Hashable, _Live] = {}  # their unfinished completions, by key
         self._state_signature = _signature((self.params, self.cache))
+        # With several processes, the leader (process 0) sends each device call to the others.
+        self.followers = jax.process_count() > 1 and multihost.is_leader()
         self._seed_rng = np.random.default_rng()
         self._auto_ids = itertools.count()
         self.compile_s = 0.0
@@ -367,14 +376,17 @@ class Engine:
         return AttentionConfig(mode="lserve", impl=self.impl, streaming_heads=streaming,
                                sparsity=s)
 
-    def _split_for_devices(self, n: int) -> None:
-        """Tensor parallelism over n devices (models/parallel.py): balance the LServe head
-        pattern so each device holds the same number of dense heads (`head_pattern.
-        balance_for_devices`), permute each layer's KV heads (weights, KV scales, pattern) so
-        each device's heads are a contiguous block, dense first, and zero-pad the vocabulary and
-        the MLP to multiples of n. The permuted model computes the same function."""
+    def _split_for_devices(self, n: int, devices: Sequence | None) -> None:
+        """Tensor parallelism over n devices (models/parallel.py; `devices`, default the
+        first n): balance the LServe head pattern so each device holds the same number of
+        dense heads (`head_pattern.balance_for_devices`), permute each layer's KV heads
+        (weights, KV scales, pattern) so each device's heads are a contiguous block, dense
+        first, and zero-pad the vocabulary and the MLP to multiples of n. The permuted model
+        computes the same function."""
         parallel.check_divisible(self.config, n)
-        mesh = parallel.make_mesh(n)
+        if devices is not None and len(devices) != n:
+            raise ValueError(f"{len(devices)} devices given for tensor_parallel_size={n}")
+        mesh = parallel.make_mesh(n, devices)
         flags = self.attention.streaming_heads
         if flags is not None:
             gates = head_pattern.load_head_pattern(self.head_pattern)
@@ -740,23 +752,17 @@ class Engine:
                                    first_window_page=self.cache.first_window_page)
         if not decode:
             fresh = not any(r.start for r in rows)  # attend within the chunk
-            exe = self._compiled(device.prefill_step, batch,
-                                 dict(fresh=fresh, num_logprobs=k))
-            t0 = time.perf_counter()
-            self.cache, tokens, bad, logprobs = exe(self.params, self.cache, batch)
-            tokens, bad, logprobs = jax.device_get((tokens, bad, logprobs))
-            self.counters["prefill_s"] += time.perf_counter() - t0
+            seconds, (tokens, bad, logprobs) = self._call(
+                "prefill", dict(fresh=fresh, num_logprobs=k), batch)
+            self.counters["prefill_s"] += seconds
             self.counters["prefill_calls"] += 1
             self.counters["prefill_tokens"] += sum(len(r.token_ids) for r in rows)
             return {r.request_id: ([] if bad[i] else [int(tokens[i])], bool(bad[i]),
                                    [tuple(x[i] for x in logprobs)] if logprobs else None)
                     for i, r in enumerate(rows)}
-        exe = self._compiled(device.decode_step, batch,
-                             dict(num_steps=self.num_scheduler_steps, num_logprobs=k))
-        t0 = time.perf_counter()
-        self.cache, tokens, counts, error_at, logprobs = exe(self.params, self.cache, batch)
-        tokens, counts, error_at, logprobs = jax.device_get((tokens, counts, error_at, logprobs))
-        self.counters["decode_s"] += time.perf_counter() - t0
+        seconds, (tokens, counts, error_at, logprobs) = self._call(
+            "decode", dict(num_steps=self.num_scheduler_steps, num_logprobs=k), batch)
+        self.counters["decode_s"] += seconds
         self.counters["decode_calls"] += 1
         self.counters["decode_tokens"] += int(np.sum(np.minimum(counts + (error_at >= 0),
                                                                 batch.steps)))
@@ -765,9 +771,40 @@ class Engine:
                                if logprobs else None)
                 for i, r in enumerate(rows)}
 
+    def _call(self, kind: str, static: dict, batch: device.StepBatch) -> tuple[float, tuple]:
+        """One device call (sent to the follower processes first when there are any); returns
+        (seconds from launch to results on the host, compiles left out; its outputs other than
+        the cache, as NumPy arrays)."""
+        if self.followers:
+            multihost.announce((kind, static, batch))
+        compiled = self.compile_s
+        t0 = time.perf_counter()
+        outputs = multihost.fetch(self.execute(kind, static, batch))
+        return time.perf_counter() - t0 - (self.compile_s - compiled), outputs
+
+    def execute(self, kind: str, static: dict, batch: device.StepBatch) -> tuple:
+        """Run a "prefill" or "decode" step with its static arguments on `batch` (compiled
+        on first use), updating the cache; returns its other outputs (device arrays). The
+        leader's `_call` and a follower's loop (`multihost.follow`) both come here."""
+        fn = device.prefill_step if kind == "prefill" else device.decode_step
+        exe = self._compiled(fn, batch, static)
+        self.cache, *outputs = exe(self.params, self.cache, batch)
+        return tuple(outputs)
+
+    def release_followers(self) -> None:
+        """Tell the follower processes (if any) that no more device calls come, so their
+        `multihost.follow` returns; the engine cannot run steps afterwards."""
+        if self.followers:
+            multihost.announce(multihost.STOP)
+            self.followers = False
+
     def _compiled(self, fn, batch: device.StepBatch, static: dict):
         """The executable of `fn` for this batch's shape bucket, compiled once per process
         (logged): engines of one model, weight dtype, attention config and pool share it."""
+        with _COMPILE_LOCK:  # data-parallel replicas step in threads of their own
+            return self._compiled_locked(fn, batch, static)
+
+    def _compiled_locked(self, fn, batch: device.StepBatch, static: dict):
         key = (fn.__name__, tuple(sorted(static.items())), self.config, self.attention,
                self.weight_dtype, self.shard, self._state_signature, _signature(batch))
         exe = _SHARED_EXECUTABLES.get(key)

@@ -108,6 +108,29 @@ def test_tensor_parallel_engine_equals_one_device(ckpt, tmp_path, references, mo
             "collective-permute": 0, "reduce-scatter": 0}, key[:2]
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_data_parallel_replicas_equal_one_device(ckpt, tmp_path, references, tp):
+    """DP=2 replicas (x TP=2: 4 devices of a (dp, tp) mesh): LServe requests spread over both
+    replicas, each on its own devices, with the tokens of one device."""
+    from lserve_jax import LLM
+
+    reference = knobs("lserve", tmp_path, balanced_for=tp)
+    key = open(reference["head_pattern"]).read()
+    if key not in references:
+        references[key] = run(ckpt, 1, reference)[1]
+    llm = LLM(ckpt, data_parallel_size=2, tensor_parallel_size=tp, max_num_seqs=4,
+              max_num_batched_tokens=32, **knobs("lserve", tmp_path))
+    engine = llm.engine
+    assert engine.mesh.devices.shape == (2, tp)
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=1))
+    assert_same(references[key], [out.outputs[0] for out in outputs])
+    served = [e.counters["finished"] for e in engine.replicas]
+    assert sorted(served) == [1, 2] and engine.counters["finished"] == 3
+    devices = [{d for x in jax.tree.leaves(e.cache) for d in x.devices()} for e in engine.replicas]
+    assert devices[0].isdisjoint(devices[1]) and len(devices[0]) == tp
+    assert not engine.has_unfinished_requests() and not engine._owner
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "lserve"])
 def test_smollm2_on_three_devices_equals_one(tmp_path, mode):
@@ -118,8 +141,9 @@ def test_smollm2_on_three_devices_equals_one(tmp_path, mode):
     from lserve_jax.head_pattern import EMBEDDED_PATTERN, load_head_pattern
 
     extra = dict(max_num_seqs=2, max_num_batched_tokens=128, max_model_len=1024)
-    lserve = dict(attention="lserve", token_budget=128, ctx_local_tokens=64, ctx_sink_tokens=16,
-                  dec_local_tokens=64, dec_sink_tokens=16, selector_interval=2)
+    lserve = dict(attention="lserve", page_size=16, logical_page_size=8, token_budget=64,
+                  ctx_local_tokens=64, ctx_sink_tokens=16, dec_local_tokens=64,
+                  dec_sink_tokens=16, selector_interval=2)
     reference, knobs_n = dict(extra), dict(extra)
     if mode == "lserve":
         gates = load_head_pattern(EMBEDDED_PATTERN)
