@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from lserve_jax import inputs
-from lserve_jax.engine.engine import (ATTENTION_CHOICES, DTYPES, Engine, RequestOutput,
+from lserve_jax.engine.engine import (ATTENTION_CHOICES, DTYPES, RequestOutput,
                                       default_impl)
 from lserve_jax.engine.data_parallel import create_engine
 from lserve_jax.sampling import SamplingParams

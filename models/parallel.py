@@ -210,12 +210,16 @@ def cache_specs(cache: KVCache) -> KVCache:
     """The PartitionSpec of every leaf of a KV cache: pools, statistics, scales and smoothing
     factors on their KV-head axis (the first), selections on theirs (the second), everything
     else replicated."""
-    heads = P(TP_AXIS)
+    # A pool of a layer without heads of its kind is empty: replicated (XLA returns empty
+    # arrays unsplit, and a step's outputs must come back as its inputs went in).
+    def split(x, axis):
+        return P(*(None,) * axis, TP_AXIS) if x.shape[axis] else P()
+
     by_field = {f.name: P() for f in dataclasses.fields(cache)}
     for name in ("k", "v", "kmax", "kmin", "sk", "sv", "k_scale", "v_scale", "sk_scale",
                  "sv_scale", "k_smooth", "v_smooth", "sk_smooth", "sv_smooth"):
-        by_field[name] = tuple(heads for _ in getattr(cache, name))
-    by_field["selected"] = tuple(P(None, TP_AXIS) for _ in cache.selected)
+        by_field[name] = tuple(split(x, 0) for x in getattr(cache, name))
+    by_field["selected"] = tuple(split(x, 1) for x in cache.selected)
     return cache.replace(**by_field)
 
 

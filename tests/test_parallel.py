@@ -14,7 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lserve_jax import head_pattern
-from models import AttentionConfig, LlamaConfig, SparsityConfig, init_params, llama, parallel
+from models import (AttentionConfig, LlamaConfig, SparsityConfig, init_params, kv_cache, llama,
+                    parallel)
 from models.weight_quant import quantize_params
 
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=46, num_layers=2,
@@ -109,6 +110,42 @@ def test_balancing_keeps_the_sparsity_and_moves_the_cheapest_heads():
     three = head_pattern.balance_for_devices(gates, smol, 3)
     assert all(len(set(row)) == 1 for row in three)
     assert sum(not s for row in three for s in row) == 45
+
+
+def test_flax_modules_split_and_merge_under_jit(setup):
+    """The NNX modules hold the plain pytree's arrays; split into (graph, state) and merged
+    inside jit they compute what `llama.forward` computes on the pytree, and their logical
+    axes give the same PartitionSpecs as the pytree's rules."""
+    from flax import nnx
+
+    from models import modules
+
+    params, tokens = setup
+    model = modules.Llama.from_params(params)
+    graph, state = nnx.split(model)
+    attention = AttentionConfig(mode="lserve", streaming_heads=PATTERN,
+                                sparsity=SparsityConfig(ctx_sink_tokens=4, ctx_local_tokens=8))
+
+    @jax.jit
+    def run(state, tokens):
+        b, t = tokens.shape
+        spec = llama.cache_spec(CONFIG, attention, num_pages=b * 2 + 1, max_seqs=b,
+                                max_pages_per_seq=2)
+        cache = kv_cache.init_cache(spec)
+        for slot in range(b):
+            cache, _ = kv_cache.reserve(cache, jnp.int32(slot), jnp.int32(t))
+        return nnx.merge(graph, state).prefill(
+            cache, tokens, jnp.full((b,), t, jnp.int32), jnp.arange(b, dtype=jnp.int32),
+            config=CONFIG, attention=attention, all_logits=True)[1]
+
+    np.testing.assert_allclose(run(state, tokens), logits(params, tokens, PATTERN),
+                               atol=1e-5, rtol=1e-5)
+    specs = modules.partition_specs(state)
+    plain = parallel.param_specs(params)
+    assert specs["embed"] == plain["embed"] == P("tp", None)
+    for i, layer in enumerate(plain["layers"]):
+        for name, spec in layer.items():
+            assert specs["layers"][i][name] == spec, (i, name)
 
 
 def test_too_many_devices_is_a_clear_error():

@@ -108,7 +108,7 @@ def test_tensor_parallel_engine_equals_one_device(ckpt, tmp_path, references, mo
             "collective-permute": 0, "reduce-scatter": 0}, key[:2]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_data_parallel_replicas_equal_one_device(ckpt, tmp_path, references, tp):
     """DP=2 replicas (x TP=2: 4 devices of a (dp, tp) mesh): LServe requests spread over both
     replicas, each on its own devices, with the tokens of one device."""
