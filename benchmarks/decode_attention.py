@@ -97,6 +97,7 @@ from models import kv_cache, llama  # noqa: E402
 from models.attention import AttentionConfig, LayerStep, attend_layer  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 from pallas_kernels import quant  # noqa: E402
+from pallas_kernels.impls import default_impl  # noqa: E402
 
 SPARSITY = SparsityConfig()  # the shipped knobs
 PAGE_SIZE, LOGICAL_PAGE_SIZE = SPARSITY.page_size, SPARSITY.logical_page_size
@@ -314,7 +315,7 @@ def run_shape(batch, context, args, on_gpu, bandwidth, seed):
     yields one record per config as soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
-    impl = "pallas" if on_gpu else "xla"
+    impl = default_impl(jax.default_backend())
     config = LlamaConfig(vocab_size=128256, hidden_size=NUM_HEADS * HEAD_DIM,
                          intermediate_size=14336, num_layers=1, num_heads=NUM_HEADS,
                          num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM)

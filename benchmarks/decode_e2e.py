@@ -78,6 +78,7 @@ from models import llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 from models.params import init_params  # noqa: E402
+from pallas_kernels.impls import default_impl  # noqa: E402
 from lserve_jax.eval import parse_quant  # noqa: E402
 from models.weight_quant import quantize_params, weight_bytes  # noqa: E402
 
@@ -168,7 +169,7 @@ def run_context(context, modes, pairs, weights, config, on_gpu, meta):
     and floor). Yields one record per measurement as soon as it is measured."""
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     itemsize = jnp.dtype(dtype).itemsize
-    impl = "pallas" if on_gpu else "xla"
+    impl = default_impl(jax.default_backend())
     attentions = {"dense": AttentionConfig(mode="dense", impl=impl, sparsity=SPARSITY),
                   "lserve": shipped_attention(impl, streaming_pattern(config))}
     num_kv = config.num_kv_heads

@@ -8,7 +8,7 @@
 #   gpu_tests (100 s)   only the gpu-marked tests (not the interpret-mode copies CPU CI runs):
 #                       decode kernel, page-selection kernels (tests/test_page_select.py, when
 #                       present), the model path (LLM pallas vs xla, float and int8/int4
-#                       KV), prefill kernel
+#                       KV), prefill kernel, paged chunked-prefill kernel
 #   decode_attention (110 s)  one layer, batch 1: dense and LServe's shipped knobs, 256K and 32K,
 #                       bf16 and int8 KV pages
 #   hlo_counts (40 s)   compiled-HLO counts of a decode step (when benchmarks/hlo_counts.py exists)
@@ -122,7 +122,7 @@ GBPS=$(sed -n 's/^copy_bandwidth_gbps: \([0-9.]*\).*/\1/p' "$OUT/device.txt")
 
 TESTS=(tests/test_paged_decode.py)
 [[ -f tests/test_page_select.py ]] && TESTS+=(tests/test_page_select.py)
-TESTS+=(tests/test_gpu_model_path.py tests/test_sparse_prefill.py)
+TESTS+=(tests/test_gpu_model_path.py tests/test_sparse_prefill.py tests/test_paged_prefill.py)
 step gpu_tests 100 "$PY" -m pytest -m gpu -v -rfEs -p no:cacheprovider \
   --continue-on-collection-errors --durations=5 "${TESTS[@]}"
 

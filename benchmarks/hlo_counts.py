@@ -9,7 +9,7 @@ one new token per step, 1 and 2 layers, in dense mode and in LServe mode (half t
 every layer streaming, the first half in even layers and the second half in odd ones; the other
 knobs are `lserve_jax.sparsity.SparsityConfig`'s defaults: pages of 64 tokens, logical pages of
 16, token budget 4096, selector interval 4, keep_first_pages 1, decode sink 128 + local 256;
-page lists per KV head). `impl="pallas"` on GPU, `impl="xla"` elsewhere.
+page lists per KV head). `impl="triton"` on GPU, `impl="xla"` elsewhere.
 
 Sizes. GPU (unless --small): Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128,
 hidden 4096) with a small MLP (intermediate 1024) and vocabulary (1024) so compiles are quick,
@@ -60,7 +60,7 @@ by-target/by-opcode tables; `conditionals_per_token` = conditionals one decode s
 executes in a Llama-3-8B-deep model of 32 layers, extrapolated linearly from the two models
 (1-layer count + 31 x per layer); `conditionals_fixed` is the part that does not grow with depth.
 
-The Pallas path is also traced (`jax.make_jaxpr`, so it needs no GPU) with `impl="pallas"`:
+The Pallas path is also traced (`jax.make_jaxpr`, so it needs no GPU) with `impl="triton"`:
 `pallas_path` holds its Pallas kernels by name, its XLA scatters outside kernels
 (`xla_scatters`: each one a kernel of its own on a GPU) and its `host_branches`, the `cond`s outside
 kernels (on a GPU each one copies its predicate to the host and waits).
@@ -91,6 +91,7 @@ from lserve_jax.sparsity import SparsityConfig  # noqa: E402
 from models import kv_cache, llama  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
+from pallas_kernels.impls import default_impl  # noqa: E402
 from models.params import param_shapes  # noqa: E402
 
 FULL_MODEL = dict(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -356,7 +357,7 @@ def decode_setup(mode: str, num_layers: int, small: bool):
     on_gpu = jax.default_backend() == "gpu"
     config = LlamaConfig(num_layers=num_layers, **(SMALL_MODEL if small else FULL_MODEL),
                          rope_theta=500000.0, max_position_embeddings=2**20)
-    impl = "pallas" if on_gpu else "xla"
+    impl = default_impl(jax.default_backend())
     s = dataclasses.replace(SparsityConfig(), page_selection="kv_head")  # the shipped knobs
     if mode == "dense":
         attention = AttentionConfig(mode="dense", impl=impl, sparsity=s)
@@ -441,12 +442,12 @@ def _walk_jaxpr(jaxpr, counts: collections.Counter) -> None:
 
 
 def count_pallas_path(mode: str, num_layers: int, small: bool = True) -> dict:
-    """The decode step with `impl="pallas"` traced (not compiled, so it runs on any host):
+    """The decode step with `impl="triton"` traced (not compiled, so it runs on any host):
     Pallas kernels launched per step by name, and `cond`s outside kernels (each is a host
     round trip per step on a GPU; the target is none), and XLA scatters outside kernels (each a
     kernel of its own on a GPU)."""
     config, attention, s, dtype, context = decode_setup(mode, num_layers, small)
-    attention = dataclasses.replace(attention, impl="pallas", interpret=False)
+    attention = dataclasses.replace(attention, impl="triton", interpret=False)
     closed = jax.make_jaxpr(functools.partial(llama.decode, config=config, attention=attention))(
         *decode_args(config, attention, s, dtype, context))
     counts = collections.Counter()

@@ -49,6 +49,7 @@ from models import kv_cache, llama, parallel  # noqa: E402
 from models.attention import AttentionConfig  # noqa: E402
 from models.config import LlamaConfig  # noqa: E402
 from models.params import init_params  # noqa: E402
+from pallas_kernels.impls import default_impl  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=8,
                      num_heads=16, num_kv_heads=8, head_dim=64, max_position_embeddings=4096)
@@ -148,7 +149,7 @@ def main():
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    impl = "pallas" if on_gpu else "xla"
+    impl = default_impl(jax.default_backend())
     kind = jax.devices()[0].device_kind
     out = args.out or (pathlib.Path(__file__).parent / "results"
                        / f"parallel_scaling_{device_slug(kind)}.jsonl")

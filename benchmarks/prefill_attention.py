@@ -38,6 +38,7 @@ from pallas_kernels import (  # noqa: E402
     prefill_tile_counts,
     sparse_prefill_attention,
 )
+from pallas_kernels.impls import default_impl  # noqa: E402
 
 GPU_LENGTHS = (8192, 32768, 65536, 131072, 262144)
 SMALL_LENGTHS = (512, 1024, 2048)
@@ -84,7 +85,7 @@ def run_length(t, args, on_gpu, seed):
     b, hq, hkv, d = 1, args.q_heads, args.kv_heads, args.head_dim
     shape = (b, t, hq, hkv, d)
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    impl = "pallas" if on_gpu else "xla"
+    impl = default_impl(jax.default_backend())
     streaming = np.arange(hkv) % 2 == 1  # 50% streaming heads (LServe's static_sparsity 0.5)
     cfg = default_prefill_config(d, dtype)
     full_causal_flops = 4 * b * hq * d * t * t / 2

@@ -47,6 +47,7 @@ from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama
 from models.attention import AttentionConfig, LayerStep, store_layer
 from models.config import LlamaConfig
+from pallas_kernels.impls import IMPLS, normalize_impl
 
 log = logging.getLogger("lserve_jax")
 CHUNK = 8  # decode steps per compiled call
@@ -544,7 +545,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--keep-first-pages", type=int, default=SparsityConfig().keep_first_pages,
                    help="LServe knob for every LServe setting (pages kept as attention sink)")
-    p.add_argument("--impl", choices=("pallas", "xla"), default=None)
+    p.add_argument("--impl", type=normalize_impl, choices=IMPLS, default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", type=parse_quant, default=[("auto", "auto")],

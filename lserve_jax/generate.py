@@ -19,6 +19,7 @@ from lserve_jax.llm import ATTENTION_CHOICES, DTYPES, LLM
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import parallel
+from pallas_kernels.impls import IMPLS, normalize_impl
 from models.sparsity import PAGE_SELECTIONS
 from models.weight_quant import WEIGHT_DTYPES
 from pallas_kernels.quant import KV_CACHE_DTYPES
@@ -34,8 +35,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: float32 on the CPU, the checkpoint's 16-bit dtype on a GPU")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="dense")
-    p.add_argument("--impl", choices=("pallas", "xla"), default=None,
-                   help="attention kernels (default: pallas on GPU, xla on CPU)")
+    p.add_argument("--impl", type=normalize_impl, choices=IMPLS, default=None,
+                   help="kernels (pallas_kernels/impls.py; default: triton on a GPU, xla "
+                   "elsewhere; pallas means triton)")
     for name in SparsityConfig.field_names():
         default = getattr(SparsityConfig(), name)
         kind = str if name == "head_pattern" else type(default)

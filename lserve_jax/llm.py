@@ -45,7 +45,8 @@ class LLM:
     converted on first use into a cache), or None for the embedded SmolLM2-135M-Instruct.
     attention: "dense" or "lserve". dtype: "auto" (float32 on the CPU, the checkpoint's
     16-bit dtype on a GPU), "float32", "bfloat16" or "float16".
-    impl: "pallas" or "xla" (default: pallas on GPU). verify: check every file's checksum
+    impl: "triton", "xla" or "mosaic" (pallas_kernels/impls.py; default: triton on a GPU, xla
+    elsewhere; "pallas" means "triton"). verify: check every file's checksum
     before loading (sizes are always checked; checksums on the first load after a conversion;
     README "Checkpoint integrity"). The engine's capacity arguments (`max_num_seqs`,
     `max_num_batched_tokens`, `max_model_len`, `kv_cache_memory_gb` or `num_pages`,

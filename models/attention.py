@@ -1,8 +1,9 @@
 """The attention seam: every attention call of the model goes through these two functions.
 
 `prefill_attention` runs over a whole (right-padded) prompt, `decode_attention` over the paged
-cache for one new token per sequence. `AttentionConfig.impl` picks the Pallas kernels or their
-plain-jnp references; `mode` picks dense attention or LServe's unified sparse attention: the
+cache for one new token per sequence. `AttentionConfig.impl` picks the kernels (one of
+`pallas_kernels.impls.IMPLS`: "triton" Pallas kernels, "xla" their plain-jnp references);
+`mode` picks dense attention or LServe's unified sparse attention: the
 streaming heads' Λ mask in prefill (LServe §4), and in decode the streaming heads' sink + ring
 pages and the dense heads' selected pages (LServe, arXiv 2502.14866).
 
@@ -24,19 +25,20 @@ from models import kv_cache
 from models.kv_cache import KVCache
 from pallas_kernels.paged_decode import gather_pages
 from models.sparsity import SparsityConfig
-from pallas_kernels import (MAX_SELECT_PAGES, page_scores, pooled_decode_attention,
-                            pooled_decode_attention_reference, select_top_pages,
-                            sparse_prefill_attention)
+from pallas_kernels.impls import IMPLS, normalize_impl
+from pallas_kernels import (MAX_SELECT_PAGES, page_scores, paged_prefill_attention,
+                            pooled_decode_attention, pooled_decode_attention_reference,
+                            select_top_pages, sparse_prefill_attention)
 
 ATTENTION_MODES = ("dense", "lserve")
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = IMPLS  # pallas_kernels/impls.py
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """Static attention settings, passed to jit as a static argument.
 
-    `mode` picks dense attention or LServe's; `impl` the Pallas kernels or their jnp references
+    `mode` picks dense attention or LServe's; `impl` the kernels or their jnp references
     (`interpret` runs the kernels in Pallas interpret mode). `streaming_heads[layer][kv_head]`
     marks LServe streaming heads; None means every head is dense. Every sparsity knob (the
     prefill and decode Λ windows, the token budget, the page selection and its interval,
@@ -54,8 +56,7 @@ class AttentionConfig:
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode={self.mode!r} must be one of {ATTENTION_MODES}")
-        if self.impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention impl={self.impl!r} must be one of {ATTENTION_IMPLS}")
+        object.__setattr__(self, "impl", normalize_impl(self.impl))  # "pallas" -> "triton"
         if not isinstance(self.sparsity, SparsityConfig):
             raise TypeError(f"sparsity={self.sparsity!r} must be a SparsityConfig")
 
@@ -277,7 +278,7 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
     [B, Hsel, K] page-table columns (see `page_selector.select_dense_pages`); histories not
     longer than the budget take all their pages.
 
-    Only rows in `need` with more pages than the budget are scored. With `impl="pallas"` (the
+    Only rows in `need` with more pages than the budget are scored. With the kernels (the
     GPU path) the scoring and top-K kernels skip the other rows inside the kernel, so the step
     has no branch: on a GPU each `lax.cond` copies its predicate to the host and waits, once per
     layer. The XLA path (the CPU path, where a branch costs nothing) skips the scoring with one
@@ -294,13 +295,13 @@ def select_pages_for_step(q: jax.Array, cache: KVCache, slots: jax.Array, length
     qd = q.reshape(b, len(dense) + len(stream), g, d)[:, dense]
     per_query_head = config.sparsity.page_selection == "query_head"
     table = cache.page_table[slots]
-    if config.impl == "pallas":
+    if config.impl != "xla":
         scoring = need & (num_pages > k)
         scores = page_scores(qd, cache.kmax[layer], cache.kmin[layer], table, num_pages, scoring,
-                             per_query_head=per_query_head, impl="pallas",
+                             per_query_head=per_query_head, impl=config.impl,
                              interpret=config.interpret)
         # The top-K kernel holds a whole row of page scores; longer rows sort in XLA.
-        top_k_impl = "pallas" if table.shape[1] <= MAX_SELECT_PAGES else "xla"
+        top_k_impl = config.impl if table.shape[1] <= MAX_SELECT_PAGES else "xla"
         fresh = select_top_pages(scores, num_pages, need, budget_pages=k,
                                  keep_first_pages=config.sparsity.keep_first_pages, impl=top_k_impl,
                                  interpret=config.interpret)
@@ -362,53 +363,6 @@ def store_layer(cache: KVCache, k: jax.Array, v: jax.Array, step: LayerStep, *,
         interpret=config.interpret)
 
 
-def _gather_keys(pool: jax.Array, table: jax.Array) -> jax.Array:
-    """pool [H, P, S, D] read through table [B, W] -> [B, H, W * S, D]."""
-    x = pool[:, table]  # [H, B, W, S, D]
-    return jnp.moveaxis(x, 0, 1).reshape(table.shape[0], pool.shape[0], -1, pool.shape[3])
-
-
-QUERY_BLOCK = 64  # chunk queries per block of `_softmax_attend` (scores stay cache-sized)
-
-
-def _softmax_attend(q: jax.Array, keys: jax.Array, values: jax.Array,
-                    visible: jax.Array) -> jax.Array:
-    """q [B, T, H, G, D]; keys, values [B, H, S, D]; visible [B, T, S] -> [B, T, H, G, D] f32.
-    Rows with nothing visible get zeros; scores of keys a query does not see are set to -inf
-    and values of keys no query of a block sees are zeroed first (a zero weight times a stale
-    NaN would be NaN). Queries go in blocks of QUERY_BLOCK
-    (`lax.map`), so one block's scores stay in the CPU's caches: about 3x faster on the CPU
-    than scoring the whole chunk at once."""
-    b, t, h, g, d = q.shape
-    block = QUERY_BLOCK if t % QUERY_BLOCK == 0 else t
-    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
-    batch_dims = ((0, 1), (0, 1))
-
-    def attend(q, visible):  # q [B, t, H, G, D], visible [B, t, S]
-        n = q.shape[1]
-        qh = jnp.moveaxis(q.astype(jnp.float32), 1, 3).reshape(b, h, g * n, d) / np.sqrt(d)
-        scores = jax.lax.dot_general(qh, keys, (((3,), (3,)), batch_dims),
-                                     precision=jax.lax.Precision.HIGHEST)
-        # where, not an additive mask: a stale NaN key's score must not survive as NaN + -inf
-        scores = jnp.where(visible[:, None, None], scores.reshape(b, h, g, n, -1), -jnp.inf)
-        m = jnp.max(scores, axis=-1, keepdims=True)
-        p = jnp.exp(scores - jnp.where(m == -jnp.inf, 0.0, m))  # 0 where not visible
-        seen = jnp.any(visible, axis=1)  # [B, S]
-        vals = jnp.where(seen[:, None, :, None], values, 0.0)
-        out = jax.lax.dot_general(p.reshape(b, h, g * n, -1), vals, (((3,), (2,)), batch_dims),
-                                  precision=jax.lax.Precision.HIGHEST).reshape(b, h, g, n, d)
-        denom = jnp.sum(p, axis=-1)[..., None]
-        return jnp.moveaxis(out / jnp.where(denom == 0, 1.0, denom), 3, 1)
-
-    if block == t:
-        return attend(q, visible)
-    nb = t // block
-    blocks = (q.reshape(b, nb, block, h, g, d).swapaxes(0, 1),
-              visible.reshape(b, nb, block, -1).swapaxes(0, 1))
-    out = jax.lax.map(lambda x: attend(*x), blocks)  # [nb, B, block, H, G, D]
-    return out.swapaxes(0, 1).reshape(b, t, h, g, d)
-
-
 def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, step: LayerStep,
                     *, config: AttentionConfig) -> jax.Array:
     """Attention of a prefill chunk over its sequence's cached tokens and itself, causally:
@@ -420,38 +374,30 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, st
     Every key comes from the pages, the chunk's own included (`store_layer` wrote them first):
     the dense heads' through the page table, the streaming heads' through the slot's prefill
     window (`KVCache.window_table`; the decode ring does not hold the prefill window,
-    docs/design.md §6). Plain jnp over the gathered pages: the chunked prefill's reference path.
+    docs/design.md §6). One call of the paged prefill op serves both pools
+    (`paged_prefill_attention`: the Pallas kernel on a GPU, its jnp reference on the CPU).
     """
     dense, stream = _head_split(cache, 0, config)
-    b, t, hq, d = q.shape
-    hkv = len(dense) + len(stream)
-    g = hq // hkv
-    qg = q.reshape(b, t, hkv, g, d)
-    query = step.positions[:, :, None]  # [B, T, 1]
-    s = config.sparsity
-    parts = []  # (heads, pool, table, streaming)
+    pools, tables, windowed = [], [], []
     if dense:
-        parts.append((dense, cache.pool("k", 0), cache.page_table[step.slots], False))
+        pools.append(cache.pool("k", 0))
+        tables.append(cache.page_table[step.slots])
+        windowed.append(False)
     if stream:
         if not cache.window_table.shape[1]:
             raise ValueError("a prefill chunk of a layer with streaming heads needs the cache's "
                              "prefill window pages (KVCacheSpec.num_window_pages)")
-        parts.append((stream, cache.pool("sk", 0), cache.window_table[step.slots], True))
-    outs = []
-    for heads, pool, table, streaming in parts:
-        keys = jnp.arange(table.shape[1] * cache.page_size)[None, None]  # [1, 1, K]
-        visible = (keys <= query) & step.valid[:, :, None]  # [B, T, K]
-        if streaming:
-            mapped = jnp.repeat(table != kv_cache.NULL_PAGE, cache.page_size, axis=1)
-            visible &= mapped[:, None, :] & (
-                (keys < s.ctx_sink_tokens) | (keys > query - s.ctx_local_tokens))
-        idx = np.array(heads)
-        gather = lambda x: _gather_keys(x, table)  # noqa: E731
-        outs.append(_softmax_attend(qg[:, :, idx], kv_cache.read_pool(pool, 0, gather),
-                                    kv_cache.read_pool(pool, 1, gather), visible))
-    out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(dense + stream)]  # head order
-    out = jnp.where(step.valid[:, :, None, None, None], out, 0)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+        pools.append(cache.pool("sk", 0))
+        tables.append(cache.window_table[step.slots])
+        windowed.append(True)
+    sources = tuple((0, dense.index(h)) if h in dense else (len(pools) - 1, stream.index(h))
+                    for h in range(len(dense) + len(stream)))
+    s = config.sparsity
+    return paged_prefill_attention(
+        q, tuple(pools), tuple(tables), step.positions[:, 0],
+        jnp.sum(step.valid, axis=1, dtype=jnp.int32), sources=sources, windowed=tuple(windowed),
+        sink_tokens=s.ctx_sink_tokens, local_tokens=s.ctx_local_tokens, impl=config.impl,
+        interpret=config.interpret)
 
 
 def attend_layer(cache: KVCache, q: jax.Array, k: jax.Array, v: jax.Array, step: LayerStep, *,

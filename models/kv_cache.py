@@ -571,7 +571,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
     k, v [B, T, Hkv, D] post-RoPE; streaming_heads: static flags of the layer's KV heads.
     Streaming heads only write the tokens that survive in their pages (`streaming_pool.survives`),
     so a long prefill never writes one ring slot twice. A decode step (T = 1) with
-    `impl="pallas"` writes each pool with one launch of the append kernel
+    `impl="triton"` writes each pool with one launch of the append kernel
     (`pallas_kernels.append_tokens`: keys, values and statistics together, in place) instead of
     one scatter per array. With `window` (a prefill chunk) streaming heads also store every
     token whose page-table column has a prefill window page (`KVCache.window_table`).
@@ -582,7 +582,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
                          f"the attention config has {len(dense)}")
     head_dim = k.shape[3]
     # (the append kernel stores floats: a quantized cache quantizes in the scatter path)
-    fused = (impl == "pallas" and k.shape[1] == 1 and head_dim >= 16
+    fused = (impl != "xla" and k.shape[1] == 1 and head_dim >= 16
              and not head_dim & (head_dim - 1) and not cache.quantized)
     scales = {name: getattr(cache, name)[layer] if getattr(cache, name) else None
               for name in SCALES + SMOOTHING}
@@ -598,7 +598,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         stats = (cache.kmax[layer], cache.kmin[layer]) if cache.kmax else (None, None)
         out = append_tokens(cache.k[layer], cache.v[layer], kd[:, 0], vd[:, 0], pages[:, 0],
                             offsets[:, 0], valid[:, 0], *stats,
-                            logical_page_size=cache.logical_page_size, impl="pallas",
+                            logical_page_size=cache.logical_page_size, impl=impl,
                             interpret=interpret)
         arrays.update(k=out[0], v=out[1])
         if cache.kmax:
@@ -622,7 +622,7 @@ def write_tokens(cache: KVCache, layer: int, slots: jax.Array, positions: jax.Ar
         if fused:
             arrays["sk"], arrays["sv"], _, _ = append_tokens(
                 cache.sk[layer], cache.sv[layer], ks[:, 0], vs[:, 0], pages[:, 0],
-                offsets[:, 0], kept[:, 0], impl="pallas", interpret=interpret)
+                offsets[:, 0], kept[:, 0], impl=impl, interpret=interpret)
         else:
             for name, x in (("sk", ks), ("sv", vs)):
                 arrays[name], scales[name + "_scale"] = store(

@@ -16,6 +16,10 @@ from pallas_kernels.paged_decode import pooled_decode_attention as pooled_decode
 from pallas_kernels.paged_decode import (
     pooled_decode_attention_reference as pooled_decode_attention_reference,
 )
+from pallas_kernels.paged_prefill import paged_prefill_attention as paged_prefill_attention
+from pallas_kernels.paged_prefill import (
+    paged_prefill_attention_reference as paged_prefill_attention_reference,
+)
 from pallas_kernels.page_select import MAX_SELECT_PAGES as MAX_SELECT_PAGES
 from pallas_kernels.page_select import page_scores as page_scores
 from pallas_kernels.page_select import page_scores_reference as page_scores_reference

@@ -14,7 +14,7 @@ Rows with `valid` False write nothing. Valid rows must name distinct (page, logi
 pairs, which holds for decode: each sequence owns its pages and writes one token.
 
 Layers: `_kernel` -> `_pallas_append` (grid and BlockSpecs) -> `append_tokens` (public jitted op,
-`impl="pallas" | "xla"`); `append_tokens_reference` is the same update in plain jnp.
+`impl="triton" | "xla"`); `append_tokens_reference` is the same update in plain jnp.
 
 Shapes: B sequences, H heads of the pool, P pages, S page size, L logical pages per page, D head
 dim (a power of two for the kernel: one row is one Triton vector).
@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.impls import check_impl
 
 
 def _kernel(page_ref, offset_ref, valid_ref, k_new_ref, v_new_ref, *refs, num_heads,
@@ -102,8 +104,6 @@ def append_tokens_reference(k_pool, v_pool, k_new, v_new, pages, offsets, valid,
 
 def _validate(k_pool, v_pool, k_new, v_new, pages, offsets, valid, kmax, kmin,
               logical_page_size, impl):
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"{impl=} must be 'pallas' or 'xla'")
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"k_pool and v_pool must both be [H, P, S, D]; got {k_pool.shape=} "
                          f"{v_pool.shape=}")
@@ -125,13 +125,13 @@ def _validate(k_pool, v_pool, k_new, v_new, pages, offsets, valid, kmax, kmin,
         stats_shape = (h, k_pool.shape[1], k_pool.shape[2] // logical_page_size, d)
         if kmax.shape != stats_shape or kmin.shape != stats_shape:
             raise ValueError(f"kmax, kmin must be {stats_shape}; got {kmax.shape=} {kmin.shape=}")
-    if impl == "pallas" and (d < 16 or d & (d - 1)):
+    if impl == "triton" and (d < 16 or d & (d - 1)):
         raise ValueError(f"head_dim={d} must be a power of two >= 16 for the Pallas kernel")
 
 
 @functools.partial(jax.jit, static_argnames=("logical_page_size", "impl", "interpret"))
 def append_tokens(k_pool, v_pool, k_new, v_new, pages, offsets, valid, kmax=None, kmin=None, *,
-                  logical_page_size=None, impl="pallas", interpret=False):
+                  logical_page_size=None, impl="triton", interpret=False):
     """Write one token per sequence into a page pool and fold its keys into the statistics.
 
     Args:
@@ -143,12 +143,13 @@ def append_tokens(k_pool, v_pool, k_new, v_new, pages, offsets, valid, kmax=None
       kmax, kmin: [H, P, S / logical_page_size, D] per-logical-page key max/min, or None (no
         statistics kept). A token at the first offset of a logical page restarts it.
       logical_page_size: static, tokens per logical page (with kmax/kmin).
-      impl: "pallas" (Triton kernel, D a power of two >= 16) or "xla" (jnp reference).
+      impl: "triton" (the kernel, D a power of two >= 16) or "xla" (jnp reference).
       interpret: run the Pallas kernel in interpret mode (CPU testing).
 
     Returns:
       (k_pool, v_pool, kmax, kmin), the statistics None when not given.
     """
+    impl = check_impl(impl, "append_tokens")
     _validate(k_pool, v_pool, k_new, v_new, pages, offsets, valid, kmax, kmin, logical_page_size,
               impl)
     if impl == "xla" or pages.shape[0] == 0:

@@ -21,7 +21,7 @@ needs no `lax.cond` around the selector (XLA:GPU syncs with the host on each one
   counts, no sort) and a prefix-sum compaction into ascending order.
 
 Layers: `_scores_kernel` / `_select_kernel` -> `_pallas_scores` / `_pallas_select` (grid and
-BlockSpecs) -> `page_scores` / `select_top_pages` (public jitted ops, `impl="pallas" | "xla"`).
+BlockSpecs) -> `page_scores` / `select_top_pages` (public jitted ops, `impl="triton" | "xla"`, pallas_kernels/impls.py).
 The plain-jnp `page_scores_reference` / `select_top_pages_reference` are the XLA path and the
 tests' oracle (they compute every row and mask with `need`).
 
@@ -41,6 +41,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.impls import check_impl
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_BUDGET_PAGES = 3  # LServe: K = max(3, token_budget / page_size)
@@ -200,7 +202,6 @@ def page_scores_reference(q, kmax, kmin, page_table, num_pages, need=None, *,
 
 
 def _validate_scores(q, kmax, kmin, page_table, num_pages, need, impl, block_pages):
-    _check_impl(impl)
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Hd, G, D]; got {q.shape=}")
     batch, num_heads, _, d = q.shape
@@ -229,7 +230,7 @@ def _validate_scores(q, kmax, kmin, page_table, num_pages, need, impl, block_pag
 @functools.partial(jax.jit, static_argnames=(
     "per_query_head", "impl", "interpret", "block_pages", "num_warps", "num_stages"))
 def page_scores(q, kmax, kmin, page_table, num_pages, need=None, *, per_query_head: bool,
-                impl="pallas", interpret=False, block_pages=64, num_warps=4, num_stages=2):
+                impl="triton", interpret=False, block_pages=64, num_warps=4, num_stages=2):
     """Quest/LServe physical-page scores of the rows that are due, gated per row in the kernel.
 
     Args:
@@ -244,7 +245,7 @@ def page_scores(q, kmax, kmin, page_table, num_pages, need=None, *, per_query_he
       need: [B] bool rows to score; None: every row.
       per_query_head: static. True: one score row per query head; False: one per KV head, the
         max over its G query heads (`combine_query_heads(..., reduce="max")`).
-      impl: "pallas" (Triton kernel) or "xla" (`page_scores_reference`, the CPU path).
+      impl: "triton" (the kernel) or "xla" (`page_scores_reference`, the CPU path).
       interpret: run the Pallas kernel in interpret mode (CPU testing).
       block_pages: page-table columns per program (a power of two); num_warps, num_stages:
         Triton launch settings.
@@ -255,6 +256,7 @@ def page_scores(q, kmax, kmin, page_table, num_pages, need=None, *, per_query_he
       from the statistics in their storage dtype with f32 accumulation; -inf for empty pages,
       for columns p >= num_pages[b] and for every column of a row with need[b] False.
     """
+    impl = check_impl(impl, "page_scores")
     _validate_scores(q, kmax, kmin, page_table, num_pages, need, impl, block_pages)
     batch, num_heads, group, _ = q.shape
     num_cols = page_table.shape[1]
@@ -400,14 +402,13 @@ def select_top_pages_reference(scores, num_pages, need=None, *, budget_pages: in
 
 
 def _validate_select(scores, num_pages, need, budget_pages, keep_first_pages, impl):
-    _check_impl(impl)
     if scores.ndim != 3:
         raise ValueError(f"scores must be [B, H, P]; got {scores.shape=}")
     if jnp.dtype(scores.dtype) not in _DTYPES:
         raise ValueError(f"scores.dtype={scores.dtype} must be float32, bfloat16 or float16")
     _check_rows(num_pages, need, scores.shape[0])
     _check_budget(budget_pages, keep_first_pages)
-    if impl == "pallas" and scores.shape[2] > MAX_SELECT_PAGES:
+    if impl == "triton" and scores.shape[2] > MAX_SELECT_PAGES:
         raise ValueError(f"P={scores.shape[2]} pages per row exceeds the Pallas kernel's "
                          f"{MAX_SELECT_PAGES} (one row per program, in registers); use "
                          f"impl='xla'")
@@ -422,7 +423,7 @@ def default_select_num_warps(num_cols: int) -> int:
 @functools.partial(jax.jit, static_argnames=(
     "budget_pages", "keep_first_pages", "impl", "interpret", "num_warps", "num_stages"))
 def select_top_pages(scores, num_pages, need=None, *, budget_pages: int,
-                     keep_first_pages: int = 0, impl="pallas", interpret=False, num_warps=None,
+                     keep_first_pages: int = 0, impl="triton", interpret=False, num_warps=None,
                      num_stages=1):
     """K page-table columns per (sequence, row) by `models.page_selector.select_pages`' rule,
     gated per row in the kernel.
@@ -441,7 +442,7 @@ def select_top_pages(scores, num_pages, need=None, *, budget_pages: int,
       need: [B] bool rows to select; None: every row. A row with need False comes out all 0
         (the caller keeps its stored selection).
       budget_pages: static K >= 3. keep_first_pages: static, in [0, K-1].
-      impl: "pallas" (Triton kernel, P <= MAX_SELECT_PAGES) or "xla"
+      impl: "triton" (the kernel, P <= MAX_SELECT_PAGES) or "xla"
         (`select_top_pages_reference`, the CPU path).
       interpret: run the Pallas kernel in interpret mode (CPU testing).
       num_warps: None: `default_select_num_warps(P)`; num_stages: Triton launch settings.
@@ -449,6 +450,7 @@ def select_top_pages(scores, num_pages, need=None, *, budget_pages: int,
     Returns:
       [B, H, K] int32 columns, ascending; the first min(K, n) are used, the rest hold 0.
     """
+    impl = check_impl(impl, "select_top_pages")
     _validate_select(scores, num_pages, need, budget_pages, keep_first_pages, impl)
     batch, num_rows, num_cols = scores.shape
     if impl == "xla":
@@ -467,10 +469,6 @@ def select_top_pages(scores, num_pages, need=None, *, budget_pages: int,
 
 
 # --- argument checks -----------------------------------------------------------------------------
-
-def _check_impl(impl):
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"{impl=} must be 'pallas' or 'xla'")
 
 
 def _check_rows(num_pages, need, batch):

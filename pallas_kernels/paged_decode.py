@@ -39,7 +39,7 @@ a and zero point z: its logit is a * (q . n) + z * sum(q) for the nibbles n, and
 weight p contributes (p * a) n + p * z, so the nibbles also enter the dots unscaled.
 
 Layers: `_kernel` (one run of entries of one list) -> `_pallas_decode` (grid and BlockSpecs) ->
-`pooled_decode_attention` / `paged_decode_attention` (public jitted ops, `impl="pallas" |
+`pooled_decode_attention` / `paged_decode_attention` (public jitted ops, `impl="triton" |
 "xla"`). The plain-jnp `pooled_decode_attention_reference` / `paged_decode_attention_reference`
 are the XLA path (the CPU decode path) and the tests' oracle.
 
@@ -60,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import quant
+from pallas_kernels.impls import check_impl
 
 # Finite stand-in for -inf on masked logits: keeps the running max finite, so `m_prev - m_next`
 # is never `-inf - -inf = nan` (same choice as jax/experimental/pallas/ops/gpu/attention.py).
@@ -99,6 +100,57 @@ def _effective_num_splits(num_splits: int, num_entries: int) -> int:
     return max(1, -(-num_entries // max(per_split, 1)))
 
 
+def _load_page(ref, head, page_id, kv_format: str, dtype):
+    """One page of a pool ref [Hpool, P, S, X] as `dtype` [S, Dp]: int4 bytes unpacked
+    (channel 2i from the low nibble, 2i + 1 from the high one, interleaved in registers).
+    Shared by the decode and paged prefill kernels."""
+    x = ref[head, page_id]
+    if kv_format == "int4":
+        x = jnp.stack([x & 0xF, x >> 4], axis=-1).reshape(x.shape[0], 2 * x.shape[1])
+    return x.astype(dtype)
+
+
+def _attend_page(carry, q, pool, head, page_id, visible, seen, *, kv_format, sm_scale,
+                 precision, q_sum):
+    """One online-softmax update (flash attention, logits in base 2) of the rows of q [R, Dp]
+    with one page of a pool tuple of refs (k, v[, k_meta, v_meta]): visible [R, S] the keys
+    each row sees, seen [S] those any row sees (the others may hold anything, a freed page's
+    stale or non-finite values, so their values are zeroed: a zero weight times NaN is NaN).
+    carry (acc [R, Dp], running max m [R], sum l [R]) f32. int4 pages: a token's key and value
+    are nibbles * scale + zero, so its logit is scale * (q . n) + zero * sum(q) (q_sum [R]) and
+    p @ values = (p * scale) @ nibbles + sum(p * zero). Shared by the decode and paged
+    prefill kernels."""
+    acc, m_prev, l_prev = carry
+    k = _load_page(pool[0], head, page_id, kv_format, q.dtype)  # [S, Dp]
+    # [R, Dp] x [S, Dp] -> [R, S]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+    if kv_format == "int4":
+        k_scale = pool[2][head, page_id, :, 0].astype(jnp.float32)  # [S]
+        k_zero = pool[2][head, page_id, :, 1].astype(jnp.float32)
+        s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+    s = jnp.where(visible, s * (sm_scale * _LOG2E), _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    correction = jnp.exp2(m_prev - m_next)
+    # Masked keys add exactly 0, also for a page with no visible key (then m_next may be the
+    # mask value, and the next real key's correction zeroes it).
+    p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
+    l_next = correction * l_prev + jnp.sum(p, axis=1)
+    v = _load_page(pool[1], head, page_id, kv_format, q.dtype)  # [S, Dp]
+    v = jnp.where(seen[:, None], v, jnp.zeros_like(v))
+    if kv_format == "int4":
+        v_scale = jnp.where(seen, pool[3][head, page_id, :, 0].astype(jnp.float32), 0.0)
+        v_zero = jnp.where(seen, pool[3][head, page_id, :, 1].astype(jnp.float32), 0.0)
+        zero_part = jnp.sum(p * v_zero[None, :], axis=1)  # [R]
+        p = p * v_scale[None, :]
+    # [R, S] x [S, Dp] -> [R, Dp]
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=jnp.float32)
+    if kv_format == "int4":
+        pv = pv + zero_part[:, None]
+    return correction[:, None] * acc + pv, m_next, l_next
+
+
 def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_scale, num_pools,
             kv_format, num_splits, rows, d):
     """A run of the live entries of one list.
@@ -136,56 +188,16 @@ def _kernel(count_ref, source_ref, pages_ref, lo_ref, hi_ref, q_ref, *refs, sm_s
     # Sum of q's channels: the int4 zero point z of a key adds z * sum(q) to its logit.
     q_sum = jnp.sum(q.astype(jnp.float32), axis=1) if kv_format == "int4" else None
 
-    def page(ref, page_id):
-        """One page of a pool ref as q's dtype [S, Dp]: int4 bytes unpacked (channel 2i from
-        the low nibble, 2i + 1 from the high one, interleaved in registers)."""
-        x = ref[head, page_id]
-        if kv_format == "int4":
-            x = jnp.stack([x & 0xF, x >> 4], axis=-1).reshape(page_size, d_pad)
-        return x.astype(q.dtype)
-
     def attend(*pool):
-        k_ref, v_ref = pool[:2]
-
         def body(i, carry):
             """Online-softmax update with the keys lo <= o < hi of page pages[i] (hi <= lo:
             none, and the update adds exactly zero)."""
-            acc, m_prev, l_prev = carry
             page_id, lo, hi = pages_ref[i], lo_ref[i], hi_ref[i]
-            visible = (offsets >= lo) & (offsets < hi)  # [Gp, S]
-            k = page(k_ref, page_id)  # [S, Dp]
-            # [Gp, Dp] x [S, Dp] -> [Gp, S], logits in base 2.
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32)
-            if kv_format == "int4":  # key = q4 * scale + zero, per token
-                k_scale = pool[2][head, page_id, :, 0].astype(jnp.float32)  # [S]
-                k_zero = pool[2][head, page_id, :, 1].astype(jnp.float32)
-                s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
-            s = jnp.where(visible, s * (sm_scale * _LOG2E), _MASK_VALUE)
-            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-            correction = jnp.exp2(m_prev - m_next)
-            # Masked keys add exactly 0, also for an entry with no visible key (then m_next may
-            # be the mask value, and the next real key's correction zeroes it).
-            p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
-            l_next = correction * l_prev + jnp.sum(p, axis=1)
-            v = page(v_ref, page_id)  # [S, Dp]
-            # Slots outside [lo, hi) may hold anything (a freed page's stale or non-finite
-            # values): zero them, since a zero weight times NaN is NaN.
-            slot = lax.broadcasted_iota(jnp.int32, v.shape, 0)
-            v = jnp.where((slot >= lo) & (slot < hi), v, jnp.zeros_like(v))
-            if kv_format == "int4":  # value = q4 * scale + zero, per token
-                token = lax.broadcasted_iota(jnp.int32, (page_size,), 0)
-                seen = (token >= lo) & (token < hi)
-                v_scale = jnp.where(seen, pool[3][head, page_id, :, 0].astype(jnp.float32), 0.0)
-                v_zero = jnp.where(seen, pool[3][head, page_id, :, 1].astype(jnp.float32), 0.0)
-                zero_part = jnp.sum(p * v_zero[None, :], axis=1)  # [Gp]
-                p = p * v_scale[None, :]
-            # [Gp, S] x [S, Dp] -> [Gp, Dp]
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
-            if kv_format == "int4":
-                pv = pv + zero_part[:, None]
-            return correction[:, None] * acc + pv, m_next, l_next
+            token = lax.broadcasted_iota(jnp.int32, (page_size,), 0)
+            return _attend_page(carry, q, pool, head, page_id,
+                                (offsets >= lo) & (offsets < hi), (token >= lo) & (token < hi),
+                                kv_format=kv_format, sm_scale=sm_scale, precision=precision,
+                                q_sum=q_sum)
 
         carry = (jnp.zeros(q.shape, jnp.float32),
                  jnp.full((rows_pad,), -jnp.inf, jnp.float32),
@@ -367,8 +379,6 @@ def _kv_format(pools) -> str:
 
 
 def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"{impl=} must be 'pallas' or 'xla'")
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D]; got {q.shape=}")
     if not 1 <= len(pools) <= 2:
@@ -424,10 +434,10 @@ def _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits):
                                     or num_entries.dtype != jnp.int32):
         raise ValueError(f"num_entries must be int32 [B={batch}, H={num_lists}]; got "
                          f"{num_entries.shape=} {num_entries.dtype=}")
-    if impl == "pallas" and (page_size < 16 or page_size & (page_size - 1)):
+    if impl == "triton" and (page_size < 16 or page_size & (page_size - 1)):
         raise ValueError(f"{page_size=} must be a power of two >= 16 for the Pallas kernel")
     for pool in pools:
-        if impl == "pallas" and pool[0].size >= 2**31:
+        if impl == "triton" and pool[0].size >= 2**31:
             # The kernel addresses a pool with int32 element offsets.
             raise ValueError(f"a pool of {pool[0].size} elements ({pool[0].shape=}) is too "
                              f"large for the Pallas kernel's int32 offsets (< 2**31): split "
@@ -447,7 +457,7 @@ def _per_list(pools, sources, index):
 @functools.partial(jax.jit, static_argnames=(
     "sources", "sm_scale", "impl", "interpret", "num_splits", "num_warps", "num_stages"))
 def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, sources, sm_scale=None,
-                            impl="pallas", interpret=False, num_splits=None, num_warps=4,
+                            impl="triton", interpret=False, num_splits=None, num_warps=4,
                             num_stages=2):
     """Decode attention of G query rows per page list, each list reading one KV head of one of
     up to two page pools, in one launch.
@@ -471,7 +481,7 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
         None: all K.
       sources: static, per list h the pair (pool index, KV head in that pool).
       sm_scale: logit scale, default 1/sqrt(D).
-      impl: "pallas" (Triton kernel, S a power of two >= 16) or "xla" (jnp reference, CPU path).
+      impl: "triton" (the kernel, S a power of two >= 16) or "xla" (jnp reference, CPU path).
       interpret: run the Pallas kernel in interpret mode (CPU testing).
       num_splits: split-K programs per list (an upper bound, see `default_num_splits`); None:
         `default_num_splits(B, H, K)`.
@@ -482,6 +492,7 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
       0 for a list with no key.
     """
     pools = tuple(tuple(pool) for pool in pools)
+    impl = check_impl(impl, "pooled_decode_attention")
     kv_format = _validate(q, pools, pages, lo, hi, num_entries, sources, impl, num_splits)
     batch, num_lists, rows, d = q.shape
     page_size = pools[0][0].shape[2]
@@ -534,7 +545,7 @@ def pooled_decode_attention(q, pools, pages, lo, hi, num_entries=None, *, source
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "impl", "interpret", "num_splits", "num_warps", "num_stages"))
 def paged_decode_attention(q, k_pages, v_pages, pages, lo, hi, num_entries=None, *,
-                           sm_scale=None, impl="pallas", interpret=False, num_splits=None,
+                           sm_scale=None, impl="triton", interpret=False, num_splits=None,
                            num_warps=4, num_stages=2):
     """`pooled_decode_attention` with one pool: q [B, H, G, D]; k_pages, v_pages [Hkv, P, S, D]
     with H % Hkv == 0, list h reading KV head h // (H // Hkv); pages, lo, hi [B, H, K];

@@ -11,7 +11,7 @@ Key j is visible to query i iff `j <= i and j < seq_len`, and for a streaming he
 `j < sink_tokens or j > i - local_tokens` (the local window includes the current token).
 
 Layers: `_kernel` (one query tile of one query head) -> `_pallas_prefill` (grid and BlockSpecs) ->
-`sparse_prefill_attention` (the public jitted op, `impl="pallas" | "xla"`). The plain-jnp
+`sparse_prefill_attention` (the public jitted op, `impl="triton" | "xla"`). The plain-jnp
 `sparse_prefill_attention_reference` is the XLA path and the oracle of the tests.
 
 Shapes: B batch, T tokens, Hq query heads, Hkv KV heads, G = Hq // Hkv, D head dim.
@@ -28,6 +28,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.impls import check_impl
 
 # Finite stand-in for -inf on masked logits: keeps the running max finite, so `m_prev - m_next`
 # is never `-inf - -inf = nan` (same choice as jax/experimental/pallas/ops/gpu/attention.py).
@@ -297,8 +299,6 @@ def sparse_prefill_attention_reference(q, k, v, streaming, *, sink_tokens, local
 
 
 def _validate(q, k, v, streaming, seq_lens, sink_tokens, local_tokens, impl):
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"{impl=} must be 'pallas' or 'xla'")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape=} {k.shape=} {v.shape=}")
     if k.shape != v.shape:
@@ -329,7 +329,7 @@ def _validate(q, k, v, streaming, seq_lens, sink_tokens, local_tokens, impl):
     "sink_tokens", "local_tokens", "sm_scale", "impl", "interpret", "block_q", "block_k",
     "num_warps", "num_stages"))
 def sparse_prefill_attention(q, k, v, streaming, *, sink_tokens, local_tokens, seq_lens=None,
-                             sm_scale=None, impl="pallas", interpret=False, block_q=None,
+                             sm_scale=None, impl="triton", interpret=False, block_q=None,
                              block_k=None, num_warps=None, num_stages=None):
     """Causal prefill attention with per-KV-head dense/streaming (Λ) masks, one launch.
 
@@ -341,7 +341,8 @@ def sparse_prefill_attention(q, k, v, streaming, *, sink_tokens, local_tokens, s
       seq_lens: [B] int32 lengths of right-padded prompts (None: all T). Rows past a length are
         don't-care but finite.
       sm_scale: logit scale, default 1/sqrt(D).
-      impl: "pallas" (Triton kernel) or "xla" (blockwise jnp reference, the CPU path).
+      impl: "triton" (the kernel) or "xla" (blockwise jnp reference, the CPU path);
+        "mosaic" is not written yet.
       interpret: run the Pallas kernel in interpret mode (CPU testing).
       block_q, block_k, num_warps, num_stages: kernel tiling overrides (powers of two >= 16 for
         the blocks); defaults from `default_prefill_config(D, dtype)`.
@@ -349,6 +350,7 @@ def sparse_prefill_attention(q, k, v, streaming, *, sink_tokens, local_tokens, s
     Returns:
       [B, T, Hq, D] in q's dtype.
     """
+    impl = check_impl(impl, "sparse_prefill_attention")
     _validate(q, k, v, streaming, seq_lens, sink_tokens, local_tokens, impl)
     batch, t, _, d = q.shape
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)

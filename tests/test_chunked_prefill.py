@@ -80,9 +80,10 @@ def _one_shot(params, prompts, attention):
     return logits, _continue(params, cache, logits, attention)
 
 
-def _chunked(params, prompts, attention, size, fresh_first=False):
+def _chunked(params, prompts, attention, size, fresh_first=False, greedy=True):
     """Every row prefilled `size` tokens per call (rows that are done get 0-token chunks); with
-    `fresh_first` the first call is a `fresh` chunk (attention within the chunk)."""
+    `fresh_first` the first call is a `fresh` chunk (attention within the chunk). Returns the
+    last tokens' logits and (with `greedy`) the greedy continuation."""
     lengths = np.array([len(p) for p in prompts])
     cache, done = _cache(attention, lengths), np.zeros(len(prompts), np.int32)
     last = None
@@ -99,7 +100,7 @@ def _chunked(params, prompts, attention, size, fresh_first=False):
         last = logits if last is None else jnp.where((n > 0)[:, None], logits, last)
         done = done + n
     assert np.array_equal(np.asarray(cache.seq_lens), lengths)
-    return last, _continue(params, cache, last, attention)
+    return last, _continue(params, cache, last, attention) if greedy else None
 
 
 @pytest.mark.parametrize("attention", [DENSE, LSERVE, STREAMING],
@@ -113,6 +114,20 @@ def test_chunked_prefill_equals_one_shot(params, attention, size, fresh_first):
     np.testing.assert_allclose(np.asarray(chunk_logits), np.asarray(logits), atol=2e-4,
                                rtol=2e-4)
     np.testing.assert_array_equal(chunk_tokens, tokens)
+
+
+def test_chunks_through_the_paged_prefill_kernel_equal_the_reference(params):
+    """impl="triton" (interpret mode): every later chunk runs the paged prefill kernel over
+    both pools (dense pages, streaming heads' window pages), equal to the jnp path."""
+    attention = dataclasses.replace(STREAMING, sparsity=dataclasses.replace(
+        STREAMING.sparsity, page_size=16, logical_page_size=8, token_budget=48,
+        dec_sink_tokens=16, dec_local_tokens=16))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (23, 9, 30)]
+    reference, _ = _chunked(params, prompts, attention, 6, greedy=False)
+    kernel = dataclasses.replace(attention, impl="triton", interpret=True)
+    got, _ = _chunked(params, prompts, kernel, 6, greedy=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("attention", [DENSE, STREAMING], ids=["dense", "lserve-streaming"])

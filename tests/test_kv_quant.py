@@ -290,6 +290,7 @@ def test_scales_are_calibrated_once_and_stored_beside_the_checkpoint(ckpt):
     assert (scales[0, 0] == 0.1).all() and (scales[1, 1] == 0.4).all()
 
 
+@pytest.mark.slow  # the engine's int8 KV and weights on the tiny model run by default
 def test_smollm2_int8_kv_and_int8_weights_stay_close_to_float():
     """The embedded SmolLM2 (f32), 4 short prompts, 16 greedy tokens.
 

@@ -27,6 +27,7 @@ def llm():
     return LLM()  # the embedded SmolLM2, f32, dense
 
 
+@pytest.mark.slow  # the tiny-model form runs by default (tests/test_lserve_decode.py)
 def test_lserve_with_covering_budget_and_windows_equals_dense(llm, tmp_path):
     """LServe decode end to end on the real model: half the KV heads streaming (a synthetic
     pattern), prefill windows, decode windows and token budget covering every sequence -> the
@@ -44,6 +45,7 @@ def test_lserve_with_covering_budget_and_windows_equals_dense(llm, tmp_path):
         assert a.token_ids == b.token_ids
 
 
+@pytest.mark.slow  # the CLI's LServe flags run by default on the tiny model (test_parallel.py)
 def test_cli_lserve_small_budget_retrieves_passkey(tmp_path):
     """`--attention lserve` with every knob from the command line: a 256-token budget (4 of the
     prompt's 14 pages) and a 64 + 128 token streaming window on a passkey prompt."""

@@ -49,7 +49,7 @@ from lserve_jax.engine.outputs import CompletionOutput, Logprob, RequestMetrics,
 from lserve_jax.sampling import MAX_LOGPROBS, SamplingParams
 from lserve_jax.sparsity import SparsityConfig
 from models import kv_cache, llama, parallel, weight_quant
-from pallas_kernels import quant
+from pallas_kernels import impls, quant
 from models.attention import AttentionConfig
 
 log = logging.getLogger("lserve_jax")
@@ -142,8 +142,9 @@ def _find_stop(text: str, stops: Sequence[str], before: int) -> tuple[int, str] 
 
 
 def default_impl() -> str:
-    """Pallas kernels on a GPU, their XLA references elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """Triton-style Pallas kernels on a GPU, their XLA references elsewhere
+    (pallas_kernels/impls.py)."""
+    return impls.default_impl(jax.default_backend())
 
 
 @dataclasses.dataclass
@@ -251,7 +252,7 @@ class Engine:
             inputs.check_int("num_pages", num_pages, minimum=2)
         self.sparsity = SparsityConfig(**sparsity_knobs)
         self.attention_mode = attention
-        self.impl = impl or default_impl()
+        self.impl = impls.normalize_impl(impl) if impl is not None else default_impl()
         from lserve_jax import checkpoint  # orbax is slow to import; only loading needs it
 
         self._ckpt = ckpt

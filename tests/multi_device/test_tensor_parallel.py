@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) d
 
 VOCAB = 130  # not a multiple of 4 or 8: the vocabulary is padded
 PROMPTS = [[int(t) for t in np.random.default_rng(n).integers(3, VOCAB, size=n)]
-           for n in (5, 40, 90)]
+           for n in (5, 40)]
 # 4 dense KV heads of 8 per layer: balanced for 2 and 4 devices, not for 8.
 GATES = np.random.default_rng(0).uniform(size=(2, 8))
 
@@ -53,7 +53,7 @@ def run(ckpt, tp: int, extra: dict, **kw):
     engine = Engine(ckpt, tensor_parallel_size=tp, max_num_seqs=4, max_num_batched_tokens=32,
                     **extra, **kw)
     for i, prompt in enumerate(PROMPTS):
-        engine.add_request(i, prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=1))
+        engine.add_request(i, prompt, SamplingParams(max_tokens=10, temperature=0, logprobs=1))
     out = engine.run_until_done()
     return engine, [out[i].outputs[0] for i in range(len(PROMPTS))]
 
@@ -77,10 +77,12 @@ def references():
     return {}  # the one-device results, by head pattern
 
 
-@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow), 8])
-@pytest.mark.parametrize("mode", ["dense", "lserve"])
+@pytest.mark.parametrize("mode,n", [("dense", 2), ("lserve", 2), ("lserve", 8),
+                                    pytest.param("dense", 4, marks=pytest.mark.slow),
+                                    pytest.param("lserve", 4, marks=pytest.mark.slow),
+                                    pytest.param("dense", 8, marks=pytest.mark.slow)])
 def test_tensor_parallel_engine_equals_one_device(ckpt, tmp_path, references, mode, n):
-    """Greedy tokens equal and log-probabilities within f32 rounding, prompts of 5, 40 and 90
+    """Greedy tokens equal and log-probabilities within f32 rounding, prompts of 5 and 40
     tokens in chunks of at most 32, 8 decode steps per call. At n = 2 the compiled steps are
     checked to hold only the split's collectives: per step 2 all-reduces per layer (after wo,
     after w_down), one for the embedding and one all-gather of the logits; no all-to-all, no
@@ -122,10 +124,10 @@ def test_data_parallel_replicas_equal_one_device(ckpt, tmp_path, references, tp)
               max_num_batched_tokens=32, **knobs("lserve", tmp_path))
     engine = llm.engine
     assert engine.mesh.devices.shape == (2, tp)
-    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=1))
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, logprobs=1))
     assert_same(references[key], [out.outputs[0] for out in outputs])
     served = [e.counters["finished"] for e in engine.replicas]
-    assert sorted(served) == [1, 2] and engine.counters["finished"] == 3
+    assert served == [1, 1] and engine.counters["finished"] == 2
     devices = [{d for x in jax.tree.leaves(e.cache) for d in x.devices()} for e in engine.replicas]
     assert devices[0].isdisjoint(devices[1]) and len(devices[0]) == tp
     assert not engine.has_unfinished_requests() and not engine._owner
