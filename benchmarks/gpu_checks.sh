@@ -14,7 +14,8 @@
 #   hlo_counts (40 s)   compiled-HLO counts of a decode step (when benchmarks/hlo_counts.py exists)
 #   decode_e2e (150 s)  Llama-3-8B shape, random bf16 weights, 256K: LServe, then dense, each
 #                       with float weights and KV, then int8 weights and KV
-#   prefill_attention (50 s)  one prompt length (64K): ours dense and LServe, cuDNN
+#   prefill_attention (50 s)  one prompt length (64K): ours dense and LServe, cuDNN, then the
+#                       same prompt in 2,048-token chunks through the paged prefill kernel
 #
 # Usage (repo root): OUT=dir [LSERVE_COMMIT=sha] bash benchmarks/gpu_checks.sh [--dry-run]
 #   --dry-run: the same steps on CPU at small sizes (--small; the gpu tests are collected and

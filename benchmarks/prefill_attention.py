@@ -14,7 +14,11 @@ same time: the skipping is the Pallas kernel's.
 One JSON line per (T, config): device, JAX version, commit, ms, effective TFLOP/s (full causal
 FLOPs 4*B*Hq*D*T*T/2 over the time), achieved TFLOP/s (FLOPs of the tiles actually computed),
 fraction of peak where the peak is known, and speed-ups over our dense kernel and over cuDNN
-measured in the same run. Writes the lines to --out (default benchmarks/results/
+measured in the same run. Chunked prefill (`ours_dense_chunked`, `ours_lserve_chunked`): the
+same prompt in chunks of --chunk tokens (2,048 on GPU) through the paged prefill op
+(pallas_kernels/paged_prefill.py), the keys and values already in pages, the chunks' times
+summed; `chunked_vs_one_shot` is over our one-shot kernel of the same mode (target: at most
+1.15 at 128K on a GPU). Writes the lines to --out (default benchmarks/results/
 prefill_attention_<device>.jsonl), flushed as each is measured, prints them, and plots ms vs T
 to --plot (default next to --out).
 """
@@ -35,6 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.provenance import device_slug, emit, git_commit  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     default_prefill_config,
+    paged_prefill_attention,
     prefill_tile_counts,
     sparse_prefill_attention,
 )
@@ -106,18 +111,50 @@ def run_length(t, args, on_gpu, seed):
         return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation=implementation))
 
+    def chunked(flags):
+        """The same prompt in chunks of args.chunk through the paged prefill op, the keys and
+        values already in pages (one page table, the streaming heads' pool windowed): the sum
+        of the chunks' attention, to set against one-shot prefill."""
+        page_size = 64 if on_gpu else 16
+        num_pages = t // page_size
+        dense, stream = np.flatnonzero(~flags), np.flatnonzero(flags)
+        table = jnp.arange(1, num_pages + 1, dtype=jnp.int32)[None]  # page 0: the null page
+        tables, windowed, groups = [], [], [g for g in (dense, stream) if g.size]
+        for group in groups:
+            tables.append(table)
+            windowed.append(group is stream)
+        sources = tuple((p, int(np.flatnonzero(groups[p] == h)[0]))
+                        for h in range(hkv) for p in range(len(groups)) if h in groups[p])
+        step = jax.jit(lambda q, pools, start: paged_prefill_attention(
+            q, pools, tuple(tables), start, jnp.full((b,), args.chunk, jnp.int32),
+            sources=sources, windowed=tuple(windowed), sink_tokens=args.sink,
+            local_tokens=args.local, impl=impl))
+
+        def run(q, k, v):
+            def paged(x):  # [B, T, Hkv, D] -> [Hkv, 1 + pages, S, D]
+                x = jnp.moveaxis(x[0].reshape(num_pages, page_size, hkv, d), 2, 0)
+                return jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0)))
+            k, v = paged(k), paged(v)
+            pools = tuple((k[g], v[g]) for g in groups)
+            return [step(q[:, c:c + args.chunk], pools, jnp.full((b,), c, jnp.int32))
+                    for c in range(0, t, args.chunk)]
+        return run
+
     configs = [("ours_dense", ours(np.zeros(hkv, bool)), computed_flops(np.zeros(hkv, bool))),
                ("ours_lserve", ours(streaming), computed_flops(streaming))]
     if on_gpu:
         configs.append(("cudnn", library("cudnn"), None))
     configs.append(("xla", library("xla"), None))
+    if t % args.chunk == 0 and t > args.chunk:
+        configs += [("ours_dense_chunked", chunked(np.zeros(hkv, bool)), None),
+                    ("ours_lserve_chunked", chunked(streaming), None)]
 
     records = []
     for i, (name, fn, flops) in enumerate(configs):
         rec = dict(T=t, impl=name, kernel_impl=impl if name.startswith("ours") else name,
                    B=b, Hq=hq, Hkv=hkv, D=d, dtype=jnp.dtype(dtype).name, sink_tokens=args.sink,
                    local_tokens=args.local,
-                   streaming_fraction=float(streaming.mean()) if name == "ours_lserve" else 0.0)
+                   streaming_fraction=float(streaming.mean()) if "lserve" in name else 0.0)
         limit = device_memory_bytes()
         if name == "xla" and limit is not None and scores_bytes(shape) > 0.8 * limit:
             rec.update(status="skipped", error=f"needs {scores_bytes(shape) / 2**30:.0f} GiB")
@@ -143,6 +180,11 @@ def run_length(t, args, on_gpu, seed):
     for rec in records:
         if rec["status"] != "ok":
             continue
+        if rec["impl"].endswith("_chunked"):
+            rec["chunk"] = args.chunk
+            one_shot = baselines.get(rec["impl"][:-len("_chunked")])
+            if one_shot:  # target on a GPU: at most 1.15
+                rec["chunked_vs_one_shot"] = round(rec["ms"] / one_shot, 3)
         for base, key in (("ours_dense", "speedup_vs_ours_dense"), ("cudnn", "speedup_vs_cudnn")):
             if baselines.get(base):
                 rec[key] = round(baselines[base] / rec["ms"], 3)
@@ -175,6 +217,8 @@ def main():
                         help="where the png goes (default: next to --out)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunked-prefill chunk (default 2048 on GPU, 256 on CPU)")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
@@ -183,6 +227,7 @@ def main():
     args.q_heads, args.kv_heads, args.head_dim = (4, 2, 64) if small else (32, 8, 128)
     args.sink, args.local = (64, 256) if small else (128, 8192)
     lengths = args.lengths or (SMALL_LENGTHS if small else GPU_LENGTHS)
+    args.chunk = args.chunk or (256 if small else 2048)
 
     device = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None) if on_gpu else None

@@ -153,19 +153,22 @@ def llm():
     return LLM()  # the embedded SmolLM2, f32, dense
 
 
-def test_greedy_tokens_equal_hf(llm, hf_model, hf_tokenizer):
+@pytest.mark.parametrize("prompts", [
+    PROMPTS[:2], pytest.param(PROMPTS[2:], marks=pytest.mark.slow)],  # 2,000+ tokens
+    ids=["short", "passkey"])
+def test_greedy_tokens_equal_hf(llm, hf_model, hf_tokenizer, prompts):
     model, tok = hf_model.eval(), hf_tokenizer
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
                                                 ignore_eos=True))
-    assert len(outs[2].prompt_token_ids) > 2000
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(prompts, outs):
         ids = tok(prompt, return_tensors="pt").input_ids
         assert out.prompt_token_ids == ids[0].tolist()
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                  do_sample=False, pad_token_id=tok.eos_token_id)
         assert out.token_ids == ref[0, ids.shape[1]:].tolist(), prompt[:40]
-    assert "68142" in outs[2].text
+    if prompts[0] is PROMPTS[2]:
+        assert len(outs[0].prompt_token_ids) > 2000 and "68142" in outs[0].text
 
 
 def test_chat_answers_paris(llm):
