@@ -6,6 +6,7 @@ its compiled steps hold exactly the collectives of the split (models/parallel.py
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,6 +109,16 @@ def test_tensor_parallel_engine_equals_one_device(ckpt, tmp_path, references, mo
         assert collectives(exe.as_text()) == {
             "all-reduce": 2 * 2 + 1, "all-gather": 1, "all-to-all": 0,
             "collective-permute": 0, "reduce-scatter": 0}, key[:2]
+
+
+def test_int8_kv_and_weights_split_as_on_one_device(ckpt, tmp_path):
+    """Quantized after the heads are permuted and padded: per-output-channel weight scales
+    and per-head KV scales move with their heads, so TP=2 gives TP=1's tokens."""
+    quant = dict(kv_cache_dtype="int8", weight_dtype="int8")
+    reference = run(ckpt, 1, knobs("lserve", tmp_path, balanced_for=2), **quant)[1]
+    engine, results = run(ckpt, 2, knobs("lserve", tmp_path), **quant)
+    assert engine.cache.k[0].dtype == jnp.int8 and engine.weight_dtype == "int8"
+    assert_same(reference, results)
 
 
 @pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])
