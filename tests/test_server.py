@@ -470,7 +470,10 @@ def test_200_streaming_requests_from_32_clients(served, offline):
 
 # ---- the process --------------------------------------------------------------------------------
 
-def test_serve_process_answers_and_exits_0_on_sigterm(ckpt, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--tensor-parallel-size", "2"]], ids=["tp1", "tp2"])
+def test_serve_process_answers_and_exits_0_on_sigterm(ckpt, tmp_path, flags):
+    """The server process (at TP=2 on two host devices it makes itself) answers with the
+    offline engine's greedy tokens, and SIGTERM ends it with status 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -478,7 +481,7 @@ def test_serve_process_answers_and_exits_0_on_sigterm(ckpt, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lserve_jax.serve", "--ckpt", str(ckpt), "--port", str(port),
          "--page-size", "8", "--logical-page-size", "4", "--max-num-seqs", "4",
-         "--served-model-name", "tiny"],
+         "--served-model-name", "tiny", *flags],
         cwd=Path(__file__).parent.parent, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
@@ -493,8 +496,12 @@ def test_serve_process_answers_and_exits_0_on_sigterm(ckpt, tmp_path):
             except httpx.TransportError:
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
-        out = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=3)
+        out = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=3,
+                                        temperature=0)
         assert out.usage.completion_tokens == 3
+        engine = Engine(str(ckpt), page_size=8, logical_page_size=4, max_num_seqs=4)
+        engine.add_request("r", "w5 w6", SamplingParams(max_tokens=3, temperature=0))
+        assert out.choices[0].text == engine.run_until_done()["r"].outputs[0].text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         log = proc.stdout.read()
