@@ -153,15 +153,17 @@ def test_too_many_devices_is_a_clear_error():
         parallel.make_mesh(2, devices=jax.devices()[:1])
 
 
-def test_multi_device_suite():
+@pytest.mark.parametrize("marks", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+def test_multi_device_suite(marks):
     """tests/multi_device/ with 8 CPU host devices (XLA_FLAGS must be set before JAX starts,
-    so in a subprocess): TP=N engines equal one device, the compiled collectives."""
+    so in a subprocess): TP=N engines equal one device, the compiled collectives, data
+    parallelism; its slow tests (TP=4, SmolLM2 at TP=3) with `-m slow`."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, LSERVE_MULTI_DEVICE="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-m", "not slow and not gpu", str(root / "tests" / "multi_device")],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+                           "-m", f"{marks} and not gpu", str(root / "tests" / "multi_device")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
