@@ -27,6 +27,7 @@ with device, JAX version and commit, and prints the ratios to TP = 1 measured in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -95,20 +96,15 @@ def rows(decode: bool, pages_per_row: int) -> list[ScheduledRow]:
 def run(mode: str, n: int, params, dtype, impl: str) -> dict:
     attention = attention_config(mode, impl)
     shard = parallel.Shard(parallel.make_mesh(n)) if n > 1 else None
-    if shard is not None and attention.streaming_heads is not None:
-        # each device's heads a contiguous block, dense first (as the engine loads them)
-        orders = [parallel.head_order(row, n) for row in attention.streaming_heads]
-        params = parallel.permute_kv_heads(params, CONFIG, orders)
-        attention = AttentionConfig(
-            mode=attention.mode, impl=impl, sparsity=attention.sparsity,
-            streaming_heads=parallel.permute_pattern(attention.streaming_heads, orders))
+    if shard is not None:  # laid out as the engine loads it (heads permuted, padding)
+        params, flags, _ = parallel.split_model(params, CONFIG, attention.streaming_heads, n)
+        attention = dataclasses.replace(attention, streaming_heads=flags)
     pages_per_row = -(-(PROMPT + STEPS * (REPEATS + 1) + 1) // KNOBS["page_size"])
     spec = llama.cache_spec(CONFIG, attention, num_pages=ROWS * pages_per_row + 1,
                             max_seqs=ROWS, max_pages_per_seq=pages_per_row,
                             dtype=jnp.dtype(dtype).name)
     cache = kv_cache.init_cache(spec)
     if shard is not None:
-        params = parallel.pad_params(params, CONFIG, n)
         params = parallel.place(params, parallel.param_specs(params), shard.mesh)
         cache = parallel.place(cache, parallel.cache_specs(cache), shard.mesh)
     sampling = {i: device.RowSampling(0.0, 0, 1.0, 0.0, 0, 0.0, 0.0, 1.0,

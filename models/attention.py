@@ -25,13 +25,12 @@ from models import kv_cache
 from models.kv_cache import KVCache
 from pallas_kernels.paged_decode import gather_pages
 from models.sparsity import SparsityConfig
-from pallas_kernels.impls import IMPLS, normalize_impl
+from pallas_kernels.impls import normalize_impl
 from pallas_kernels import (MAX_SELECT_PAGES, page_scores, paged_prefill_attention,
                             pooled_decode_attention, pooled_decode_attention_reference,
                             select_top_pages, sparse_prefill_attention)
 
 ATTENTION_MODES = ("dense", "lserve")
-ATTENTION_IMPLS = IMPLS  # pallas_kernels/impls.py
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

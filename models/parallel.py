@@ -174,6 +174,19 @@ def permute_pattern(streaming, orders) -> tuple[tuple[bool, ...], ...]:
     return tuple(tuple(row[h] for h in order) for row, order in zip(streaming, orders))
 
 
+def split_model(params: dict, config: LlamaConfig, streaming_heads, n: int):
+    """The model laid out for n devices: each layer's KV heads in `head_order` of its
+    (balanced) flags, then the vocabulary and MLP padded (`pad_params`). Returns (params, the
+    flags in the new order, the per-layer orders); without flags (every head dense) the heads
+    keep their order and the last two are None. Float weights (quantize afterwards)."""
+    orders = None
+    if streaming_heads is not None:
+        orders = [head_order(row, n) for row in streaming_heads]
+        params = permute_kv_heads(params, config, orders)
+        streaming_heads = permute_pattern(streaming_heads, orders)
+    return pad_params(params, config, n), streaming_heads, orders
+
+
 def local_attention(attention: AttentionConfig, n: int) -> AttentionConfig:
     """The attention config every device runs: the first device's block of each layer's
     (permuted) head flags, which must equal every other device's."""

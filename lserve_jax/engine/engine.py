@@ -397,14 +397,13 @@ class Engine:
                 log.warning("tensor_parallel_size=%d: %d KV heads changed kind so every device "
                             "holds the same number of dense heads per layer (%s)", n, moved,
                             head_pattern.describe(balanced))
-            orders = [parallel.head_order(row, n) for row in balanced]
-            self.params = parallel.permute_kv_heads(self.params, self.config, orders)
+            flags = balanced
+        self.params, flags, orders = parallel.split_model(self.params, self.config, flags, n)
+        if orders is not None:
             if self.kv_scales is not None:
                 self.kv_scales = tuple(tuple(tuple(scale[h] for h in order) for scale in pair)
                                        for pair, order in zip(self.kv_scales, orders))
-            self.attention = dataclasses.replace(
-                self.attention, streaming_heads=parallel.permute_pattern(balanced, orders))
-        self.params = parallel.pad_params(self.params, self.config, n)
+            self.attention = dataclasses.replace(self.attention, streaming_heads=flags)
         self.shard = parallel.Shard(mesh)
         log.info("tensor parallel over %d %s devices", n, mesh.devices.flat[0].platform)
 
